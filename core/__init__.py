@@ -1,0 +1,1 @@
+"""Shared infrastructure: the settings tree, model loading and Qdrant access."""

