@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,11 +137,14 @@ class Collection:
             vectors_config=models.VectorParams(size=info.dimension, distance=models.Distance.COSINE),
             metadata=_record(info),
         )
-        # Ingest filters by document on every update; on a server that wants an index.
-        for field in ("doc_id", "source_file"):
-            self.client.create_payload_index(
-                physical, f"{METADATA_KEY}.{field}", field_schema=models.PayloadSchemaType.KEYWORD
-            )
+        # Ingest filters by document on every update; a server wants an index for that. Local
+        # mode accepts the call but warns that it keeps no indexes, which is fine at its scale.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+            for field in ("doc_id", "source_file"):
+                self.client.create_payload_index(
+                    physical, f"{METADATA_KEY}.{field}", field_schema=models.PayloadSchemaType.KEYWORD
+                )
         log.info("created Qdrant collection %s for %s", physical, info.name)
         return physical
 
