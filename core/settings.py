@@ -87,6 +87,43 @@ class IngestSettings(_Section):
         return self
 
 
+class RetrievalSettings(_Section):
+    k: int = Field(4, ge=1, le=50, description="chunks given to the model")
+    search: Literal["similarity", "mmr"] = "similarity"
+    fetch_k: int = Field(20, ge=1, description="MMR: candidates to diversify from")
+    mmr_lambda: float = Field(0.5, ge=0.0, le=1.0, description="MMR: 1 = relevance only, 0 = diversity only")
+    score_threshold: float | None = Field(0.25, ge=-1.0, le=1.0, description="cosine below which a chunk is dropped")
+
+
+class ChatSettings(_Section):
+    condense: Literal["concat", "llm", "off"] = Field(
+        "concat",
+        description="how a follow-up becomes a standalone retrieval query: 'concat' prepends the "
+        "previous question (robust with a 135M model), 'llm' asks the model to rewrite it",
+    )
+    attribute_citations: bool = Field(
+        True, description="when the model cites nothing, add [n] to sentences a retrieved chunk supports"
+    )
+    max_question_chars: int = Field(4000, ge=1)
+    history_db: Path | None = Field(None, description="SQLite file; default <data_dir>/chat.sqlite3")
+    generation_concurrency: int = Field(1, ge=1, description="answers generated at once; more wait in the queue")
+    queue_size: int = Field(64, ge=1, description="requests waiting beyond which new ones are refused")
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+    share: bool = False
+    demo_corpus: Path | None = Field(Path("data/demo"), description="ingested on first start when the collection is empty")
+    upload_max_mb: float = Field(10.0, gt=0)
+    upload_types: list[str] = Field(default_factory=lambda: [".md", ".txt", ".pdf", ".html", ".docx", ".csv"])
+    examples: list[str] = Field(
+        default_factory=lambda: [
+            "What is the effect of Cardivexin on a patient with HTN and T2DM?",
+            "Within how many hours of admission must medicines reconciliation be done?",
+            "What is the door-to-balloon target for STEMI?",
+            "What does SADMANS stand for?",
+        ]
+    )
+
+
 class Settings(BaseSettings):
     """Root of the tree. Field names are the YAML keys and the env-var path."""
 
@@ -100,6 +137,8 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -131,6 +170,10 @@ class Settings(BaseSettings):
     @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
+
+    @property
+    def history_db(self) -> Path:
+        return self.chat.history_db or self.data_dir / "chat.sqlite3"
 
 
 class SettingsError(ValueError):

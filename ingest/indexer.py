@@ -99,6 +99,7 @@ class _Pending:
 
     document: SourceDocument
     chunks: list[Chunk]
+    replaces: bool  # the index holds other points of this document, to delete once it is written
     written: int = 0
 
 
@@ -174,7 +175,7 @@ class Indexer:
                     cleanup.append(item)
                     continue
                 if not dry_run:
-                    pending.append(_Pending(item, self.chunker.split(item)))
+                    pending.append(_Pending(item, self.chunker.split(item), replaces=item.doc_id in stored))
             if file_ok:
                 loaded_files.add(str(path))
 
@@ -284,7 +285,8 @@ class Indexer:
                 for p, _ in batch:
                     p.written += 1
                     if p.written == len(p.chunks):
-                        self._delete(physical, p.document.doc_id, keep_hash=p.document.content_hash)
+                        if p.replaces:  # a filtered delete scans the collection in local mode
+                            self._delete(physical, p.document.doc_id, keep_hash=p.document.content_hash)
                         log.info("indexed %s (%d chunks)", p.document.source, len(p.chunks))
                 notify(f"embedded {report.chunks_embedded}/{total} chunks")
 

@@ -12,6 +12,7 @@ Docx2txtLoader loses the headings, and both are a few lines with BeautifulSoup /
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -61,8 +62,29 @@ def display_path(path: Path) -> str:
 
 
 # -- discovery -----------------------------------------------------------------------------
+IGNORE_FILE = ".ragtuneignore"
+
+
+def _ignored_patterns(root: Path) -> list[str]:
+    """Glob patterns (relative to ``root``) from its .ragtuneignore: e.g. ``qa/`` or ``*.draft.md``."""
+    file = root / IGNORE_FILE
+    if not file.is_file():
+        return []
+    lines = (line.strip() for line in file.read_text(encoding="utf-8").splitlines())
+    return [line.rstrip("/") for line in lines if line and not line.startswith("#")]
+
+
+def _is_ignored(relative: Path, patterns: list[str]) -> bool:
+    parts = relative.as_posix()
+    return any(fnmatch.fnmatch(parts, p) or fnmatch.fnmatch(parts, f"{p}/*") for p in patterns)
+
+
 def discover(paths: list[Path], settings: IngestSettings) -> tuple[list[Path], list[LoadFailure]]:
-    """Files under ``paths`` with a supported extension, following symlinks without looping."""
+    """Files under ``paths`` with a supported extension, following symlinks without looping.
+
+    A folder given on the command line may hold a ``.ragtuneignore`` of glob patterns to skip
+    (the demo keeps its Q/A sets beside the documents they ask about, not in the index).
+    """
     files: list[Path] = []
     failures: list[LoadFailure] = []
     allowed = {e.lower() for e in settings.extensions}
@@ -82,6 +104,7 @@ def discover(paths: list[Path], settings: IngestSettings) -> tuple[list[Path], l
                 failures.append(LoadFailure(str(root), f"unsupported file type {real_root.suffix or '(none)'}"))
             continue
         visited: set[Path] = set()
+        ignored = _ignored_patterns(real_root)
         for dirpath, dirnames, filenames in os.walk(real_root, followlinks=True):
             real_dir = Path(dirpath).resolve()
             if real_dir in visited:  # a symlink back up the tree
@@ -94,7 +117,7 @@ def discover(paths: list[Path], settings: IngestSettings) -> tuple[list[Path], l
                 if name.startswith("."):
                     continue
                 path = Path(dirpath) / name
-                if path.suffix.lower() not in allowed:
+                if path.suffix.lower() not in allowed or _is_ignored(path.relative_to(real_root), ignored):
                     continue
                 try:
                     files.append(path.resolve(strict=True))

@@ -54,6 +54,7 @@ def test_demo_ingest_is_incremental(index, demo_copy: Path) -> None:
     first = indexer.run([demo_copy], progress=False)
     assert first.ok, first.failed
     assert len(first.added) >= 30  # 24 files, the FAQ JSONL counting one document per record
+    assert not any("/qa/" in s for s in first.added)  # skipped by data/demo/.ragtuneignore
     assert first.chunks_embedded == len(stored(client))
     formats = {Path(s.split("#")[0]).suffix for s in first.added}
     assert formats >= {".md", ".txt", ".pdf", ".html", ".docx", ".csv", ".jsonl"}

@@ -1,0 +1,1 @@
+"""The chat: conversational RAG chain, memory, Gradio app. ``python -m chatbot --help``."""

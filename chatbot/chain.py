@@ -1,0 +1,323 @@
+"""The conversational chain: condense -> retrieve -> prompt -> stream -> cite -> remember.
+
+Four modes answer the same question so they can be compared:
+
+| mode      | model                | retrieval |
+|-----------|----------------------|-----------|
+| hybrid    | base + LoRA adapter  | yes       |
+| rag       | base                 | yes       |
+| finetuned | base + LoRA adapter  | no        |
+| base      | base                 | no        |
+
+Composed from LangChain parts (QdrantVectorStore for retrieval, ChatHuggingFace for streaming
+generation, trim_messages for the history budget); the orchestration is plain Python so that a
+caller gets tokens as they come and, at the end, one ``Answer`` with structured sources.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from core.prompts import NOT_COVERED, ContextChunk, build_messages, cited_numbers, condense_messages
+from core.settings import Settings
+from chatbot.citations import attribute
+from chatbot.memory import ChatMemory
+
+if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_qdrant import QdrantVectorStore
+
+    from core.llm import ChatModel
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["hybrid", "rag", "finetuned", "base"]
+MODES: tuple[Mode, ...] = ("hybrid", "rag", "finetuned", "base")
+RETRIEVING_MODES = {"hybrid", "rag"}
+ADAPTED_MODES = {"hybrid", "finetuned"}
+
+NO_ADAPTER = (
+    "No fine-tuned adapter is configured, so the '{mode}' mode cannot answer. Set llm.adapter "
+    "(for example llm.adapter=demo) or choose the 'rag' or 'base' mode."
+)
+
+
+@dataclass
+class Source:
+    """One retrieved chunk as shown beside an answer."""
+
+    n: int  # the number the prompt gave it: [n] in the answer
+    title: str
+    source: str
+    text: str
+    score: float
+    page: int | None = None
+    section: str | None = None
+    cited: bool = False
+
+
+@dataclass
+class Answer:
+    text: str
+    mode: str
+    conversation_id: str
+    sources: list[Source] = field(default_factory=list)
+    cited: list[int] = field(default_factory=list)
+    query: str = ""  # the standalone question used for retrieval
+    citations_attributed: bool = False  # [n] added by ragtune, not written by the model
+    refused: str | None = None  # why no model answer was produced
+    message_id: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def sources_as_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.sources]
+
+
+@dataclass
+class ChainEvent:
+    kind: Literal["token", "answer"]
+    text: str = ""
+    answer: Answer | None = None
+
+
+class InvalidQuestion(ValueError):
+    """A question that is refused before any work (empty, too long)."""
+
+
+class Retriever:
+    """Qdrant search through langchain-qdrant, with k / MMR / score threshold from settings."""
+
+    def __init__(self, store: "QdrantVectorStore", settings: Settings):
+        self.store = store
+        self.settings = settings.retrieval
+
+    def retrieve(self, query: str) -> list[Source]:
+        vector = self.store.embeddings.embed_query(query)
+        if self.settings.search == "mmr":
+            found = self.store.max_marginal_relevance_search_with_score_by_vector(
+                vector, k=self.settings.k, fetch_k=self.settings.fetch_k, lambda_mult=self.settings.mmr_lambda
+            )
+        else:
+            found = self.store.similarity_search_with_score_by_vector(vector, k=self.settings.k)
+        threshold = self.settings.score_threshold
+        sources = []
+        for document, score in found:
+            if threshold is not None and score < threshold:
+                continue
+            meta = document.metadata
+            sources.append(Source(
+                n=len(sources) + 1, title=meta.get("title", ""), source=meta.get("source", ""),
+                text=document.page_content, score=round(float(score), 4),
+                page=meta.get("page"), section=meta.get("section") or None,
+            ))
+        return sources
+
+
+class ChatModels:
+    """The base chat model and the adapted one, each loaded on first use.
+
+    Lazy so that the app answers /healthz (and shows its page) while the model still loads.
+    Two copies rather than one PeftModel with ``disable_adapter()``: that context manager
+    changes shared state, which concurrent answers in different modes would race on; the
+    135M model costs ~0.5 GB per copy.
+    """
+
+    def __init__(
+        self, settings: Settings, load_base: Callable[[], "ChatModel"], load_adapted: Callable[[], "ChatModel"] | None
+    ):
+        self.settings = settings
+        self._load_base = load_base
+        self._load_adapted = load_adapted
+        self._loaded: dict[bool, ChatModel] = {}
+        self._wrapped: dict[tuple[bool, int | None], BaseChatModel] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def has_adapter(self) -> bool:
+        return self._load_adapted is not None
+
+    def raw(self, adapted: bool) -> "ChatModel":
+        loader = self._load_adapted if adapted else self._load_base
+        if loader is None:
+            raise RuntimeError("no adapter configured")
+        with self._lock:
+            if adapted not in self._loaded:
+                self._loaded[adapted] = loader()
+            return self._loaded[adapted]
+
+    def chat(self, adapted: bool, max_new_tokens: int | None = None) -> "BaseChatModel":
+        key = (adapted, max_new_tokens)
+        with self._lock:
+            cached = self._wrapped.get(key)
+        if cached is not None:
+            return cached
+        wrapped = _wrap(self.raw(adapted), self.settings, max_new_tokens)
+        with self._lock:
+            self._wrapped[key] = wrapped
+        return wrapped
+
+
+def _wrap(chat_model: "ChatModel", settings: Settings, max_new_tokens: int | None) -> "BaseChatModel":
+    from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
+    from transformers import pipeline
+
+    llm = settings.llm
+    generation: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens or llm.max_new_tokens,
+        "repetition_penalty": llm.repetition_penalty,
+        "return_full_text": False,
+        # EOS is <|im_end|> for SmolLM2: generation stops there or at max_new_tokens.
+        "eos_token_id": chat_model.tokenizer.eos_token_id,
+        "pad_token_id": chat_model.tokenizer.pad_token_id or chat_model.tokenizer.eos_token_id,
+    }
+    if llm.temperature > 0:
+        generation |= {"do_sample": True, "temperature": llm.temperature}
+    else:
+        generation |= {"do_sample": False}
+    pipe = pipeline("text-generation", model=chat_model.model, tokenizer=chat_model.tokenizer, **generation)
+    return ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=chat_model.tokenizer)
+
+
+def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+    return [kinds[m["role"]](content=m["content"]) for m in messages]
+
+
+class ConversationalRagChain:
+    def __init__(self, settings: Settings, retriever: Retriever, models: ChatModels, memory: ChatMemory):
+        self.settings = settings
+        self.retriever = retriever
+        self.models = models
+        self.memory = memory
+        self._generation_slots = threading.BoundedSemaphore(settings.chat.generation_concurrency)
+
+    # -- public ------------------------------------------------------------------------------
+    def validate(self, question: str) -> str:
+        text = (question or "").strip()
+        if not text:
+            raise InvalidQuestion("Please type a question.")
+        limit = self.settings.chat.max_question_chars
+        if len(text) > limit:
+            raise InvalidQuestion(
+                f"The question is {len(text):,} characters long; the limit is {limit:,}. Please shorten it."
+            )
+        return text
+
+    def stream(
+        self, question: str, *, owner: str, conversation_id: str | None = None, mode: Mode = "rag"
+    ) -> Iterator[ChainEvent]:
+        """Yield tokens as they are generated, then one ``answer`` event. Raises InvalidQuestion."""
+        if mode not in MODES:
+            raise InvalidQuestion(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
+        text = self.validate(question)
+        started = time.perf_counter()
+        if conversation_id is None or not self.memory.exists(owner, conversation_id):
+            conversation_id = self.memory.create(owner)
+        history = self.memory.turns(owner, conversation_id)
+        self.memory.append(owner, conversation_id, "user", text, mode=mode)
+        answer = Answer(text="", mode=mode, conversation_id=conversation_id, query=text)
+
+        if mode in ADAPTED_MODES and not self.models.has_adapter:
+            answer.refused, answer.text = "no adapter configured", NO_ADAPTER.format(mode=mode)
+        elif mode in RETRIEVING_MODES:
+            answer.query = self._standalone(text, history)
+            t0 = time.perf_counter()
+            answer.sources = self.retriever.retrieve(answer.query)
+            answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            if not answer.sources:
+                # Nothing relevant was found: say so rather than let the model answer from nothing.
+                answer.refused, answer.text = "no chunk passed retrieval.score_threshold", NOT_COVERED
+        if answer.refused:
+            yield ChainEvent("token", text=answer.text)
+        else:
+            yield from self._generate(text, history, answer, started)
+        answer.timings["total_s"] = round(time.perf_counter() - started, 3)
+        answer.message_id = self.memory.append(
+            owner, conversation_id, "assistant", answer.text, mode=mode, sources=answer.sources_as_dicts()
+        )
+        yield ChainEvent("answer", answer=answer)
+
+    def ask(self, question: str, *, owner: str, conversation_id: str | None = None, mode: Mode = "rag") -> Answer:
+        for event in self.stream(question, owner=owner, conversation_id=conversation_id, mode=mode):
+            if event.answer is not None:
+                return event.answer
+        raise AssertionError("the chain ended without an answer")
+
+    # -- steps -------------------------------------------------------------------------------
+    def _generate(
+        self, question: str, history: list[tuple[str, str]], answer: Answer, started: float
+    ) -> Iterator[ChainEvent]:
+        adapted = answer.mode in ADAPTED_MODES
+        chunks = None
+        if answer.mode in RETRIEVING_MODES:
+            chunks = [ContextChunk(s.text, s.title, s.source, s.page, s.section) for s in answer.sources]
+        messages = self._fit(question, chunks, history, answer, adapted=adapted)
+        model = self.models.chat(adapted=adapted)
+        pieces: list[str] = []
+        with self._generation_slots:
+            for chunk in model.stream(_to_langchain(messages)):
+                if not chunk.content:
+                    continue
+                if not pieces:
+                    answer.timings["ttft_s"] = round(time.perf_counter() - started, 3)
+                pieces.append(str(chunk.content))
+                yield ChainEvent("token", text=str(chunk.content))
+        generated_text = "".join(pieces).strip()
+        generated = len(self.models.raw(adapted).tokenizer.encode(generated_text, add_special_tokens=False))
+        decode_seconds = time.perf_counter() - started - answer.timings.get("ttft_s", 0.0)
+        answer.timings["tokens"] = generated
+        answer.timings["tokens_per_s"] = round(generated / decode_seconds, 2) if decode_seconds > 0 else 0.0
+        answer.text = generated_text
+        answer.cited = cited_numbers(generated_text, len(answer.sources))
+        if not answer.cited and answer.sources and self.settings.chat.attribute_citations:
+            answer.text, answer.cited = attribute(generated_text, [s.text for s in answer.sources])
+            answer.citations_attributed = bool(answer.cited)
+        for source in answer.sources:
+            source.cited = source.n in answer.cited
+
+    def _standalone(self, question: str, history: list[tuple[str, str]]) -> str:
+        """The retrieval query for a follow-up, made understandable without the conversation."""
+        if not history or self.settings.chat.condense == "off":
+            return question
+        if self.settings.chat.condense == "concat":
+            # A 135M model rewrites questions unreliably; the previous question carries the
+            # topic ("Cardivexin ...") that a follow-up ("and in T2DM?") leaves out.
+            return f"{history[-1][0]} {question}"
+        model = self.models.chat(adapted=False, max_new_tokens=64)
+        with self._generation_slots:
+            rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
+        rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
+        return rewritten or f"{history[-1][0]} {question}"
+
+    def _fit(
+        self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]],
+        answer: Answer, adapted: bool,
+    ) -> list[dict[str, str]]:
+        """Messages within the model's context: oldest history first, then the last chunks, go."""
+        from langchain_core.messages import trim_messages
+
+        tokenizer = self.models.raw(adapted).tokenizer
+        budget = self.settings.llm.context_window - self.settings.llm.max_new_tokens
+
+        def count(messages: list[dict[str, str]]) -> int:
+            return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+
+        while chunks and count(build_messages(question, chunks)) > budget:
+            chunks = chunks[:-1]
+            answer.sources = answer.sources[: len(chunks)]
+        left = budget - count(build_messages(question, chunks))
+        history_messages = _to_langchain([m for q, a in history for m in (
+            {"role": "user", "content": q}, {"role": "assistant", "content": a})])
+        kept = trim_messages(
+            history_messages, max_tokens=max(left, 0), strategy="last", start_on="human",
+            token_counter=lambda ms: sum(len(tokenizer.encode(str(m.content), add_special_tokens=False)) + 4 for m in ms),
+        )
+        pairs = [(str(kept[i].content), str(kept[i + 1].content)) for i in range(0, len(kept) - 1, 2)]
+        return build_messages(question, chunks, pairs)

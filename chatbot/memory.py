@@ -1,0 +1,176 @@
+"""Chat memory: conversations, their messages, each answer's sources and feedback, in SQLite.
+
+Hand-written on the standard library's sqlite3 rather than LangChain's SQLChatMessageHistory:
+that class stores bare messages, while ragtune also needs an owner per conversation (one user
+must never read or write another's), the sources of each answer (citations must survive a
+reload), feedback on a message, and a list of a user's past conversations.
+
+Ownership is checked in every query (``WHERE owner = ?``): a conversation id that belongs to
+someone else behaves exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    title TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_owner ON conversations (owner, updated);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    mode TEXT,
+    sources TEXT NOT NULL DEFAULT '[]',
+    feedback INTEGER CHECK (feedback IN (-1, 1)),
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id, id);
+"""
+
+
+class ConversationNotFound(KeyError):
+    """No such conversation for this owner (whether it exists for another owner is not said)."""
+
+
+@dataclass
+class StoredMessage:
+    id: int
+    role: str
+    content: str
+    mode: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    feedback: int | None = None
+
+
+@dataclass
+class ConversationSummary:
+    id: str
+    title: str
+    updated: float
+
+
+class ChatMemory:
+    """Persistent conversations in one SQLite file (WAL mode: readers never block the writer)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per operation: safe across Gradio's worker threads.
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA foreign_keys=ON")
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    # -- conversations -----------------------------------------------------------------------
+    def create(self, owner: str, title: str = "New conversation") -> str:
+        conversation_id = uuid.uuid4().hex  # unguessable: the id alone grants nothing anyway
+        now = time.time()
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO conversations (id, owner, title, created, updated) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, owner, title[:120], now, now),
+            )
+        return conversation_id
+
+    def exists(self, owner: str, conversation_id: str) -> bool:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            ).fetchone()
+        return row is not None
+
+    def list(self, owner: str, limit: int = 50) -> list[ConversationSummary]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, title, updated FROM conversations WHERE owner = ? ORDER BY updated DESC LIMIT ?",
+                (owner, limit),
+            ).fetchall()
+        return [ConversationSummary(*row) for row in rows]
+
+    # -- messages ----------------------------------------------------------------------------
+    def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
+        self._require(owner, conversation_id)
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT m.id, m.role, m.content, m.mode, m.sources, m.feedback FROM messages m "
+                "JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.conversation_id = ? AND c.owner = ? ORDER BY m.id",
+                (conversation_id, owner),
+            ).fetchall()
+        return [StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+    def turns(self, owner: str, conversation_id: str) -> list[tuple[str, str]]:
+        """(question, answer) pairs, oldest first: what the chain feeds back as history."""
+        pairs: list[tuple[str, str]] = []
+        pending: str | None = None
+        for message in self.messages(owner, conversation_id):
+            if message.role == "user":
+                pending = message.content
+            elif pending is not None:
+                pairs.append((pending, message.content))
+                pending = None
+        return pairs
+
+    def append(
+        self,
+        owner: str,
+        conversation_id: str,
+        role: str,
+        content: str,
+        mode: str | None = None,
+        sources: list[dict[str, Any]] | None = None,
+    ) -> int:
+        self._require(owner, conversation_id)
+        now = time.time()
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, role, content, mode, sources, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, mode, json.dumps(sources or []), now),
+            )
+            if role == "user":
+                # The first question names the conversation in the list of past conversations.
+                db.execute(
+                    "UPDATE conversations SET title = ? WHERE id = ? AND title = 'New conversation'",
+                    (content.strip().splitlines()[0][:80] if content.strip() else "New conversation", conversation_id),
+                )
+            db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+            return int(cursor.lastrowid)
+
+    def set_feedback(self, owner: str, message_id: int, value: int | None) -> bool:
+        """Thumbs up (1) / down (-1) / cleared (None) on an assistant message the owner can see."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE messages SET feedback = ? WHERE id = ? AND role = 'assistant' AND conversation_id IN "
+                "(SELECT id FROM conversations WHERE owner = ?)",
+                (value, message_id, owner),
+            )
+            return cursor.rowcount == 1
+
+    def _require(self, owner: str, conversation_id: str) -> None:
+        if not self.exists(owner, conversation_id):
+            raise ConversationNotFound(conversation_id)

@@ -1,0 +1,105 @@
+"""The chain with the real packaged SmolLM2, the real embedder and a local Qdrant of the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatbot.chain import NO_ADAPTER, InvalidQuestion
+from chatbot.runtime import build_runtime
+from core.prompts import NOT_COVERED
+from core.settings import load_settings
+from tests.conftest import DEMO
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory, session_data_dir, embedder):
+    folder = tmp_path_factory.mktemp("chat")
+    (folder / "settings.yaml").write_text("")
+    settings = load_settings(folder / "settings.yaml", {
+        "data_dir": str(session_data_dir),
+        "qdrant": {"path": str(folder / "qdrant")},
+        "chat": {"history_db": str(folder / "chat.sqlite3")},
+        "llm": {"max_new_tokens": 96},
+    })
+    built = build_runtime(settings, embedder=embedder)
+    assert built.indexer.run([DEMO], progress=False).ok
+    yield built
+    built.close()
+
+
+def test_rag_answer_streams_stops_and_cites_the_right_document(runtime) -> None:
+    events = list(runtime.chain.stream(
+        "What is the effect of Cardivexin on a patient with HTN and T2DM?", owner="t1", mode="rag"))
+    tokens = [e.text for e in events if e.kind == "token"]
+    answer = events[-1].answer
+    assert answer is not None and len(tokens) > 3  # streamed piece by piece
+    assert answer.timings["tokens"] <= 96 + 2 and answer.timings["ttft_s"] > 0
+    assert answer.sources[0].source.endswith("monographs/cardivexin.md")
+    assert answer.cited, answer.text  # the model's own [n], or attributed ones
+    assert all(1 <= n <= len(answer.sources) for n in answer.cited)  # nothing cited that was not retrieved
+    assert any(s.cited and s.source.endswith("cardivexin.md") for s in answer.sources)
+    assert answer.sources[0].title and answer.sources[0].score > 0.5
+
+
+def test_generation_stops_at_eos_before_the_limit(runtime) -> None:
+    answer = runtime.chain.ask("Reply with the single word: yes.", owner="t2", mode="base")
+    assert 0 < answer.timings["tokens"] < 96, answer.text  # EOS, not the token limit, ended it
+    assert "<|im_end|>" not in answer.text
+
+
+def test_follow_up_is_made_standalone_before_retrieval(runtime) -> None:
+    first = runtime.chain.ask("What is the starting dose of Glucarnil?", owner="t3", mode="rag")
+    follow = runtime.chain.ask("And when eGFR is below 30?", owner="t3", conversation_id=first.conversation_id, mode="rag")
+    assert "Glucarnil" in follow.query
+    assert follow.sources and follow.sources[0].source.endswith("monographs/glucarnil.md")
+
+    bp = runtime.chain.ask("How much does Cardivexin lower blood pressure?", owner="t3", mode="rag")
+    diabetes = runtime.chain.ask("and in patients with diabetes?", owner="t3", conversation_id=bp.conversation_id, mode="rag")
+    assert any(s.source.endswith("cardivexin.md") for s in diabetes.sources)
+    alone = runtime.chain.ask("and in patients with diabetes?", owner="t3", mode="rag")
+    assert not any(s.source.endswith("cardivexin.md") for s in alone.sources[:1])  # history made the difference
+
+
+def test_questions_the_documents_do_not_cover(runtime) -> None:
+    answer = runtime.chain.ask("What is the capital of Peru?", owner="t4", mode="rag")
+    assert answer.text == NOT_COVERED and answer.sources == [] and answer.refused
+
+
+def test_adapter_modes_say_plainly_that_no_adapter_is_configured(runtime) -> None:
+    for mode in ("hybrid", "finetuned"):
+        answer = runtime.chain.ask("What is HTN?", owner="t5", mode=mode)
+        assert answer.text == NO_ADAPTER.format(mode=mode)
+
+
+def test_bad_questions_are_refused_or_answered_safely(runtime) -> None:
+    with pytest.raises(InvalidQuestion, match="type a question"):
+        runtime.chain.ask("   ", owner="t6")
+    with pytest.raises(InvalidQuestion, match="20,000 characters"):
+        runtime.chain.ask("x" * 20_000, owner="t6")
+    html = runtime.chain.ask("<script>alert(1)</script> What is the STEMI door-to-balloon target?", owner="t6", mode="rag")
+    assert html.sources and html.text
+    other_language = runtime.chain.ask("¿Cuál es la dosis inicial de Glucarnil?", owner="t6", mode="rag")
+    assert other_language.text
+    assert runtime.memory.list("t6")  # refused questions stored nothing, answered ones did
+
+
+def test_conversations_are_isolated_between_owners(runtime) -> None:
+    alice = runtime.chain.ask("What does AKI mean?", owner="alice", mode="base")
+    intruder = runtime.chain.ask("What did I ask before?", owner="mallory", conversation_id=alice.conversation_id, mode="base")
+    assert intruder.conversation_id != alice.conversation_id  # a foreign id starts a new conversation
+    assert [m.content for m in runtime.memory.messages("alice", alice.conversation_id)][0] == "What does AKI mean?"
+    assert len(runtime.memory.messages("alice", alice.conversation_id)) == 2
+
+
+def test_history_is_trimmed_to_the_context_budget(runtime) -> None:
+    chain = runtime.chain
+    tokenizer = chain.models.raw(False).tokenizer
+    history = [(f"question {i} " + "about renal dosing " * 40, "answer " * 60) for i in range(30)]
+    answer = type("A", (), {"sources": []})()
+    messages = chain._fit("What is AKI?", None, history, answer, adapted=False)
+    used = len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+    assert used <= chain.settings.llm.context_window - chain.settings.llm.max_new_tokens
+    assert messages[-1]["content"] == "What is AKI?"
+    assert "question 29" in messages[-3]["content"] and "question 0 " not in str(messages)  # newest kept
