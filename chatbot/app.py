@@ -6,60 +6,27 @@ services, and hold no business logic. Every callback takes the user's identity f
 past conversations reopen after a reload and nobody else's are ever listed or readable.
 """
 
-from __future__ import annotations
-
-import html
+# No ``from __future__ import annotations`` here: Gradio reads gr.Request / gr.LikeData from
+# the callbacks' real annotations to inject them.
 import logging
-import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chatbot.chain import MODES, InvalidQuestion
+import gradio as gr
+from fastapi import FastAPI
+
+from chatbot.chain import MODES, Answer, InvalidQuestion
 from chatbot.memory import ConversationNotFound
+from chatbot.render import safe_markdown, sources_markdown
 
 if TYPE_CHECKING:
-    import gradio as gr
-    from fastapi import FastAPI
-
-    from chatbot.chain import Answer
     from chatbot.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
-SOURCE_PREVIEW_CHARS = 700
-
-
-def safe_markdown(text: str) -> str:
-    """Text from a user, a document or the model, made inert for Markdown rendering.
-
-    HTML is escaped (shown, never run) and Markdown images are reduced to their alt text: an
-    image URL is how a poisoned answer would leak data to a third party (OWASP LLM05).
-    """
-    return html.escape(_IMAGE.sub(r"\1", text or ""), quote=False)
-
-
-def sources_markdown(sources: list[dict[str, Any]], attributed: bool = False) -> str:
-    if not sources:
-        return "_No sources for this answer._"
-    lines = []
-    if attributed:
-        lines.append("_Citations were added by ragtune from matching text; the model wrote none._\n")
-    for s in sources:
-        where = f", page {s['page']}" if s.get("page") else (f" — {s['section']}" if s.get("section") else "")
-        mark = "**cited**" if s.get("cited") else "not cited"
-        preview = s["text"] if len(s["text"]) <= SOURCE_PREVIEW_CHARS else s["text"][:SOURCE_PREVIEW_CHARS] + " …"
-        lines.append(
-            f"**[{s['n']}] {safe_markdown(s['title'])}**{safe_markdown(where)}  \n"
-            f"`{safe_markdown(s['source'])}` · score {s['score']:.2f} · {mark}\n\n"
-            + "\n".join(f"> {safe_markdown(line)}" for line in preview.splitlines() if line.strip())
-        )
-    return "\n\n".join(lines)
-
-
-def identity(browser_id: str | None, request: "gr.Request | None") -> str:
+def identity(browser_id: str | None, request: gr.Request | None) -> str:
     """Who is asking: a logged-in name if auth is on, else this browser's random id, else (an
     API client, which has no browser storage) its Gradio session."""
     user = getattr(request, "username", None) if request is not None else None
@@ -71,9 +38,7 @@ def identity(browser_id: str | None, request: "gr.Request | None") -> str:
     return f"session:{session or uuid.uuid4().hex}"
 
 
-def build_blocks(runtime: "Runtime") -> "gr.Blocks":
-    import gradio as gr
-
+def build_blocks(runtime: "Runtime") -> gr.Blocks:
     settings = runtime.settings
     chain, memory = runtime.chain, runtime.memory
     default_mode = "hybrid" if chain.models.has_adapter else "rag"
@@ -181,7 +146,7 @@ def build_blocks(runtime: "Runtime") -> "gr.Blocks":
                                      label=f"Up to {settings.chat.upload_max_mb:g} MB each")
                     upload_status = gr.Markdown("")
 
-        blocks.load(on_load, inputs=[browser_id], outputs=[browser_id, past])
+        blocks.load(on_load, inputs=[browser_id], outputs=[browser_id, past], api_name=False)
         outputs = [question, chatbot, message_ids, conversation_id, past, sources]
         inputs = [question, mode, conversation_id, chatbot, message_ids, browser_id]
         send.click(on_submit, inputs, outputs, api_name="chat", concurrency_id="generate")
@@ -226,10 +191,7 @@ def upload_documents(runtime: "Runtime", files: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def create_app(runtime: "Runtime") -> "FastAPI":
-    import gradio as gr
-    from fastapi import FastAPI
-
+def create_app(runtime: "Runtime") -> FastAPI:
     app = FastAPI(title="ragtune", docs_url=None, redoc_url=None)
 
     @app.get("/healthz")

@@ -1,6 +1,6 @@
 """What reaches the browser is inert: no live HTML, no image URLs; citations are honest."""
 
-from chatbot.app import safe_markdown, sources_markdown
+from chatbot.render import safe_markdown, sources_markdown
 from chatbot.citations import attribute
 from core.prompts import ContextChunk, build_messages, cited_numbers, user_turn
 
