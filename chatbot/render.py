@@ -26,12 +26,23 @@ def sources_markdown(sources: list[dict[str, Any]], attributed: bool = False) ->
     if attributed:
         lines.append("_Citations were added by ragtune from matching text; the model wrote none._\n")
     for s in sources:
-        where = f", page {s['page']}" if s.get("page") else (f" — {s['section']}" if s.get("section") else "")
+        section = s.get("section") or ""
+        if section.startswith(s["title"] + " > "):
+            section = section[len(s["title"]) + 3:]  # the heading path repeats the title
+        where = f", page {s['page']}" if s.get("page") else (f" — {section}" if section and section != s["title"] else "")
         mark = "**cited**" if s.get("cited") else "not cited"
         preview = s["text"] if len(s["text"]) <= SOURCE_PREVIEW_CHARS else s["text"][:SOURCE_PREVIEW_CHARS] + " …"
         lines.append(
             f"**[{s['n']}] {safe_markdown(s['title'])}**{safe_markdown(where)}  \n"
             f"`{safe_markdown(s['source'])}` · score {s['score']:.2f} · {mark}\n\n"
-            + "\n".join(f"> {safe_markdown(line)}" for line in preview.splitlines() if line.strip())
+            # Headings inside a chunk are shown as bold lines, not page-sized headings.
+            + "\n".join(f"> {_flatten_heading(safe_markdown(line))}" for line in preview.splitlines() if line.strip())
         )
     return "\n\n".join(lines)
+
+
+def _flatten_heading(line: str) -> str:
+    stripped = line.lstrip()
+    if stripped.startswith("#"):
+        return f"**{stripped.lstrip('#').strip()}**"
+    return line
