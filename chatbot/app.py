@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from chatbot.chain import MODES, Answer, InvalidQuestion
 from chatbot.memory import ConversationNotFound
 from chatbot.render import safe_markdown, sources_markdown
+from chatbot.web import IDENTITY_HEADER, AccessMiddleware
 
 if TYPE_CHECKING:
     from chatbot.runtime import Runtime
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 def identity(browser_id: str | None, request: gr.Request | None) -> str:
-    """Who is asking: a logged-in name if auth is on, else this browser's random id, else (an
-    API client, which has no browser storage) its Gradio session."""
-    user = getattr(request, "username", None) if request is not None else None
+    """Who is asking: the signed-in user (set by AccessMiddleware, never by the client), else
+    this browser's random id, else (an API client has no browser storage) its Gradio session."""
+    headers = getattr(request, "headers", None) if request is not None else None
+    user = headers.get(IDENTITY_HEADER) if headers is not None else None
     if user:
         return f"user:{user}"
     if browser_id:
@@ -199,9 +201,15 @@ def create_app(runtime: "Runtime") -> FastAPI:
         # Touches neither the model nor the index: a liveness probe must stay cheap.
         return {"status": "ok"}
 
+    server = runtime.settings.server
+    if server.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(AccessMiddleware, server=server)
     blocks = build_blocks(runtime)
-    settings = runtime.settings.chat
     return gr.mount_gradio_app(
-        app, blocks, path="/", max_file_size=f"{settings.upload_max_mb:g}mb",
-        allowed_paths=[], show_error=False,
+        app, blocks, path="/", max_file_size=f"{runtime.settings.chat.upload_max_mb:g}mb",
+        allowed_paths=[], show_error=False, root_path=server.root_path or None,
     )

@@ -139,9 +139,14 @@ class ChatModels:
 
     @property
     def has_adapter(self) -> bool:
+        if self.settings.llm.mode == "openai":
+            return bool(self.settings.llm.openai.adapter_model)
         return self._load_adapted is not None
 
     def raw(self, adapted: bool) -> "ChatModel":
+        """The local model and tokenizer (in openai mode only the tokenizer is used: budgets)."""
+        if self.settings.llm.mode == "openai":
+            adapted = False  # the server holds the adapter; the tokenizer is the base model's
         loader = self._load_adapted if adapted else self._load_base
         if loader is None:
             raise RuntimeError("no adapter configured")
@@ -156,7 +161,10 @@ class ChatModels:
             cached = self._wrapped.get(key)
         if cached is not None:
             return cached
-        wrapped = _wrap(self.raw(adapted), self.settings, max_new_tokens)
+        if self.settings.llm.mode == "openai":
+            wrapped = _openai(self.settings, adapted, max_new_tokens)
+        else:
+            wrapped = _wrap(self.raw(adapted), self.settings, max_new_tokens)
         with self._lock:
             self._wrapped[key] = wrapped
         return wrapped
@@ -181,6 +189,22 @@ def _wrap(chat_model: "ChatModel", settings: Settings, max_new_tokens: int | Non
         generation |= {"do_sample": False}
     pipe = pipeline("text-generation", model=chat_model.model, tokenizer=chat_model.tokenizer, **generation)
     return ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=chat_model.tokenizer)
+
+
+def _openai(settings: Settings, adapted: bool, max_new_tokens: int | None) -> "BaseChatModel":
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama) through langchain-openai."""
+    try:
+        from langchain_openai import ChatOpenAI
+    except ImportError as exc:  # pragma: no cover - pinned in requirements.txt
+        raise RuntimeError("llm.mode=openai needs langchain-openai: pip install langchain-openai") from exc
+    served = settings.llm.openai
+    return ChatOpenAI(
+        base_url=served.base_url, api_key=served.api_key, timeout=served.timeout_s, streaming=True,
+        model=served.adapter_model if adapted else served.model,
+        max_tokens=max_new_tokens or settings.llm.max_new_tokens, temperature=settings.llm.temperature,
+        # repetition_penalty is not part of the OpenAI API; vLLM and llama.cpp accept it as an extra.
+        extra_body={"repetition_penalty": settings.llm.repetition_penalty},
+    )
 
 
 def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:

@@ -34,8 +34,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
     parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
                         help="override a setting, e.g. --set llm.adapter=demo (repeatable)")
-    parser.add_argument("--host", help="default chat.host (127.0.0.1)")
-    parser.add_argument("--port", type=int, help="default chat.port (7860)")
+    parser.add_argument("--host", help="default server.host (127.0.0.1)")
+    parser.add_argument("--port", type=int, help="default server.port (7860)")
     parser.add_argument("--share", action="store_true", help="a public Gradio share link (needs internet)")
     commands = parser.add_subparsers(dest="command")
     ask = commands.add_parser("ask", help="answer one question in the terminal")
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.overrides)
     for key in ("host", "port"):
         if getattr(args, key) is not None:
-            overrides.setdefault("chat", {})[key] = getattr(args, key)
+            overrides.setdefault("server", {})[key] = getattr(args, key)
     if args.share:
-        overrides.setdefault("chat", {})["share"] = True
+        overrides.setdefault("server", {})["share"] = True
     try:
         settings = load_settings(args.settings, overrides)
     except SettingsError as exc:
@@ -127,9 +127,12 @@ def serve(runtime, settings: Settings) -> int:
     # Load the model while the server starts: /healthz and the page answer at once, and the
     # first question waits only for whatever is left of the load.
     threading.Thread(target=runtime.chain.models.raw, args=(False,), daemon=True).start()
-    if settings.chat.share:
-        build_blocks(runtime).launch(server_name=settings.chat.host, server_port=settings.chat.port, share=True)
+    server = settings.server
+    if server.share:
+        # A share link goes through Gradio's own server: without the FastAPI headers and auth.
+        build_blocks(runtime).launch(server_name=server.host, server_port=server.port, share=True)
         return 0
-    print(f"ragtune: http://{settings.chat.host}:{settings.chat.port}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(runtime), host=settings.chat.host, port=settings.chat.port, log_level="warning")
+    print(f"ragtune: http://{server.host}:{server.port}{server.root_path}", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(runtime), host=server.host, port=server.port, log_level="warning",
+                root_path=server.root_path, proxy_headers=False)
     return 0

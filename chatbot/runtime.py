@@ -52,8 +52,14 @@ def build_runtime(
     embedder = embedder or load_embedder(settings.embedding)
     collection = Collection(client, settings.qdrant.collection)
     collection.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
-    load_base = (lambda: base_model) if base_model else (lambda: load_chat_model(settings, with_adapter=False))
-    adapter = resolve_adapter(settings)  # fail at start-up, not at the first hybrid question
+    if base_model is not None:
+        load_base = lambda: base_model  # noqa: E731 - shared by tests and benchmarks
+    elif settings.llm.mode == "openai":
+        load_base = lambda: load_chat_model(settings, with_adapter=False, tokenizer_only=True)  # noqa: E731
+    else:
+        load_base = lambda: load_chat_model(settings, with_adapter=False)  # noqa: E731
+    # fail at start-up, not at the first hybrid question
+    adapter = resolve_adapter(settings) if settings.llm.mode == "local" else None
     load_adapted = (lambda: load_chat_model(settings, with_adapter=True)) if adapter else None
     store = QdrantVectorStore(client=client, collection_name=settings.qdrant.collection, embedding=embedder.embeddings)
     memory = ChatMemory(settings.history_db)

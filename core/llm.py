@@ -29,7 +29,7 @@ _CONVERTED_DIRNAME = "smollm2-135m-instruct"
 
 @dataclass
 class ChatModel:
-    model: "PreTrainedModel"
+    model: "PreTrainedModel | None"  # None when a server generates (llm.mode=openai)
     tokenizer: "PreTrainedTokenizerBase"
     base_name: str
     adapter_path: Path | None = None
@@ -92,8 +92,12 @@ def resolve_adapter(settings: Settings) -> Path | None:
     )
 
 
-def load_chat_model(settings: Settings, with_adapter: bool = True) -> ChatModel:
-    """Load the base model (converting the packaged GGUF on first use) and, if set, the adapter."""
+def load_chat_model(settings: Settings, with_adapter: bool = True, tokenizer_only: bool = False) -> ChatModel:
+    """Load the base model (converting the packaged GGUF on first use) and, if set, the adapter.
+
+    ``tokenizer_only``: a served model (llm.mode=openai) still needs the tokenizer to count
+    the context budget; the weights stay on the server.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +106,8 @@ def load_chat_model(settings: Settings, with_adapter: bool = True) -> ChatModel:
     source = resolve(settings.llm.model, lambda: packaged_llm_source(settings.models_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=source.local)
+        if tokenizer_only:
+            return ChatModel(model=None, tokenizer=tokenizer, base_name=source.name)
         model = AutoModelForCausalLM.from_pretrained(
             source.location, local_files_only=source.local, dtype=torch.float32
         )

