@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from core.embeddings import Embedder, load_embedder
 from core.llm import ChatModel, load_chat_model, resolve_adapter
 from core.settings import Settings
-from core.store import Collection, open_client
+from core.store import Collection, collection_for, open_client
 from chatbot.chain import ChatModels, ConversationalRagChain, Retriever
 from chatbot.memory import ChatMemory
 from ingest.indexer import Indexer
@@ -50,7 +50,7 @@ def build_runtime(
 
     client = client or open_client(settings)
     embedder = embedder or load_embedder(settings.embedding)
-    collection = Collection(client, settings.qdrant.collection)
+    collection = collection_for(client, settings)
     collection.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
     if base_model is not None:
         load_base = lambda: base_model  # noqa: E731 - shared by tests and benchmarks

@@ -77,6 +77,8 @@ class QdrantSettings(_Section):
     path: Path | None = Field(None, description="local-mode folder; default <data_dir>/qdrant; ':memory:' for tests")
     collection: str = Field("ragtune", pattern=r"^[A-Za-z0-9_\-]{1,128}$")
     timeout_s: int = Field(30, ge=1)
+    shard_number: int | None = Field(None, ge=1, description="server cluster: shards of a new collection")
+    replication_factor: int | None = Field(None, ge=1, description="server cluster: copies of each shard")
 
     @field_validator("url")
     @classmethod

@@ -67,9 +67,13 @@ def _record(info: EmbedderInfo) -> dict[str, Any]:
 class Collection:
     """The logical collection (an alias) and the physical collection behind it."""
 
-    def __init__(self, client: "QdrantClient", name: str):
+    def __init__(self, client: "QdrantClient", name: str, shard_number: int | None = None,
+                 replication_factor: int | None = None):
         self.client = client
         self.name = name
+        # Only a new physical collection takes these (a cluster's layout); None = server default.
+        self.shard_number = shard_number
+        self.replication_factor = replication_factor
 
     # -- what is there ---------------------------------------------------------------------
     def physical_name(self) -> str | None:
@@ -136,6 +140,8 @@ class Collection:
             physical,
             vectors_config=models.VectorParams(size=info.dimension, distance=models.Distance.COSINE),
             metadata=_record(info),
+            shard_number=self.shard_number,
+            replication_factor=self.replication_factor,
         )
         # Ingest filters by document on every update; a server wants an index for that. Local
         # mode accepts the call but warns that it keeps no indexes, which is fine at its scale.
@@ -179,3 +185,9 @@ class Collection:
             )
             self.client.update_collection_aliases(change_aliases_operations=operations)
         return previous
+
+
+def collection_for(client: "QdrantClient", settings: Settings) -> Collection:
+    """The configured collection, with the cluster layout settings for new physical ones."""
+    return Collection(client, settings.qdrant.collection, settings.qdrant.shard_number,
+                      settings.qdrant.replication_factor)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from core.embeddings import Embedder
 from core.settings import Settings
-from core.store import Collection
+from core.store import collection_for
 from ingest.indexer import Indexer
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def build_indexer(settings: Settings, client: "QdrantClient", embedder: Embedder) -> Indexer:
     return Indexer(
         client=client,
-        collection=Collection(client, settings.qdrant.collection),
+        collection=collection_for(client, settings),
         embedder=embedder,
         settings=settings.ingest,
         batch_size=settings.embedding.batch_size,
