@@ -1,0 +1,235 @@
+"""python -m finetune: training data, LoRA adapters and embedders for ragtune.
+
+Examples:
+  # the demo adapter, from scratch (index, data, ~25 min of CPU training, a merged export)
+  python -m ingest data/demo
+  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out data/finetune/demo
+  python -m finetune train --config finetune/configs/demo.yaml          # -> data/adapters/demo/
+  python -m finetune train --config finetune/configs/demo.yaml --resume # after a crash or Ctrl-C
+  python -m finetune train --config finetune/configs/demo.yaml --set lora.rank=8 --set epochs=1 --force
+  python -m finetune merge demo                                         # -> data/merged/demo/
+
+  # PubMedQA: its own collection, a random validation split, an adapter outside the repository
+  python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa
+  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out /tmp/pubmedqa-run/finetune/pubmedqa
+  python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
+
+  # an embedder that knows "MI" means "myocardial infarction"
+  python -m finetune embeddings --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-abbrev
+  RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from core.hub import ModelUnavailableError
+from core.logs import setup_logging
+from core.settings import Settings, SettingsError, load_settings, parse_overrides
+from core.store import StoreError
+from finetune.files import InputError, OutputExistsError
+
+log = logging.getLogger("finetune")
+
+_EXAMPLES = __doc__.split("\n\n", 1)[1]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set data_dir=/tmp/run (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = commands.add_parser(
+        "prepare", help="Q/A JSONL + the index -> SFT and RAFT chat-format training files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out data/finetune/demo\n"
+        "  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out data/finetune/pubmedqa\n"
+        "  python -m finetune prepare --qa my-qa.jsonl --out data/finetune/mine --distractors 2 --no-gold-share 0.3 --kinds raft",
+    )
+    prep.add_argument("--qa", type=Path, required=True, help="Q/A records (JSONL): id, question, answer, ...")
+    prep.add_argument("--val-qa", type=Path, help="validation Q/A records; without it --val-share of --qa is held out")
+    prep.add_argument("--out", type=Path, required=True, help="output folder (sft/, raft/, summary.json)")
+    prep.add_argument("--collection", help="Qdrant collection to draw chunks from (default: qdrant.collection)")
+    prep.add_argument("--kinds", default="sft,raft", help="comma-separated: sft, raft (default both)")
+    prep.add_argument("--distractors", type=int, metavar="K",
+                      help="distractor chunks per example (default retrieval.k - 1: as many chunks as the chat gets)")
+    prep.add_argument("--no-gold-share", type=float, default=0.2, metavar="P",
+                      help="share of answerable RAFT examples without the gold chunk, target NOT_COVERED (default 0.2)")
+    prep.add_argument("--val-share", type=float, default=0.1, help="validation share without --val-qa (default 0.1)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffles (default 0)")
+    prep.add_argument("--followups", choices=["with-history", "skip"], default="with-history",
+                      help="follow-up turns: keep, with earlier turns as chat history (default), or skip")
+    prep.add_argument("--max-tokens", type=int, help="longest example allowed (default llm.context_window)")
+    prep.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _common(prep)
+
+    train = commands.add_parser(
+        "train", help="LoRA-train the chat model on prepared data -> <data_dir>/adapters/NAME/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python -m finetune train --config finetune/configs/demo.yaml\n"
+        "  python -m finetune train --config finetune/configs/demo.yaml --resume\n"
+        "  python -m finetune train --config finetune/configs/demo.yaml --set lora.rank=8 --set max_steps=20 --set name=try --force\n"
+        "--set takes training keys (name, train_files, lora.rank, learning_rate, epochs, max_steps, batch_size,\n"
+        "gradient_accumulation, max_length, seed, ...) and settings keys (data_dir, llm.model, ...).",
+    )
+    train.add_argument("--config", type=Path, required=True, help="training YAML (see finetune/configs/)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this adapter")
+    train.add_argument("--force", action="store_true",
+                       help="replace an existing adapter of this name, and discard checkpoints of an unfinished run")
+    _common(train)
+
+    merge = commands.add_parser(
+        "merge", help="fold an adapter into the base model -> a folder plain transformers loads",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python -m finetune merge demo                      # -> data/merged/demo/\n"
+        "  python -m finetune merge /tmp/pubmedqa-run/adapters/pubmedqa --out /tmp/pubmedqa-merged",
+    )
+    merge.add_argument("adapter", help="adapter name under <data_dir>/adapters, or its folder")
+    merge.add_argument("--out", type=Path, help="output folder (default <data_dir>/merged/NAME)")
+    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _common(merge)
+
+    emb = commands.add_parser(
+        "embeddings", help="fine-tune the embedder on (question, gold chunk) pairs -> <data_dir>/embedders/NAME/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python -m finetune embeddings --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-abbrev\n"
+        "  python -m finetune embeddings --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out pubmedqa --epochs 1\n"
+        "then re-embed the collection with it:\n"
+        "  RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed",
+    )
+    emb.add_argument("--qa", type=Path, required=True, help="Q/A records (JSONL) with gold documents")
+    emb.add_argument("--val-qa", type=Path, help="held-out Q/A records for recall@k; default: --val-share of --qa")
+    emb.add_argument("--out", required=True, metavar="NAME", help="embedder name, saved to <data_dir>/embedders/NAME")
+    emb.add_argument("--collection", help="Qdrant collection holding the gold chunks (default: qdrant.collection)")
+    emb.add_argument("--glossary", type=Path, action="append",
+                     help="abbreviation glossary (.md lines '- **MI** - myocardial infarction', or .csv "
+                     "abbreviation,expansion); a folder takes all of them; repeatable "
+                     "(default: data/demo/glossary if present, else a small built-in table)")
+    emb.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
+    emb.add_argument("--batch-size", type=int, default=16, help="pairs per batch; the others are its negatives (default 16)")
+    emb.add_argument("--learning-rate", type=float, default=2e-5, help="(default 2e-5)")
+    emb.add_argument("--val-share", type=float, default=0.2, help="held-out share without --val-qa (default 0.2)")
+    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument("--k", default="1,3,5", help="recall@k cut-offs (default 1,3,5)")
+    emb.add_argument("--force", action="store_true", help="replace the embedder if it exists")
+    _common(emb)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = parse_overrides(args.overrides)
+    if getattr(args, "collection", None):
+        overrides.setdefault("qdrant", {})["collection"] = args.collection
+    return load_settings(args.settings, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    progress = not args.no_progress and sys.stderr.isatty()
+    try:
+        if args.command == "train":
+            return _train(args)
+        settings = _settings(args)
+        setup_logging(settings.log_level)
+        if args.command == "prepare":
+            return _prepare(args, settings, progress)
+        if args.command == "merge":
+            return _merge(args, settings)
+        return _embeddings(args, settings, progress)
+    except (SettingsError, InputError, OutputExistsError, ModelUnavailableError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (training keeps its checkpoints: rerun with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _prepare(args: argparse.Namespace, settings: Settings, progress: bool) -> int:
+    from pydantic import ValidationError
+
+    from finetune.data import PrepareOptions, format_summary, prepare
+
+    try:
+        options = PrepareOptions(
+            kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+            distractors=args.distractors, no_gold_share=args.no_gold_share, val_share=args.val_share,
+            seed=args.seed, followups=args.followups, max_tokens=args.max_tokens,
+        )
+    except ValidationError as exc:
+        raise InputError("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("_", "-")
+                                   for e in exc.errors())) from None
+    result = prepare(settings, args.qa, args.out, options, val_qa_path=args.val_qa, force=args.force,
+                     progress=progress)
+    print(format_summary(result.summary))
+    print(f"wrote {result.out} (summary in {result.out / 'summary.json'})", file=sys.stderr)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from finetune.config import load_train_config, split_overrides
+    from finetune.train import train
+
+    config_overrides, settings_overrides = split_overrides(parse_overrides(args.overrides))
+    config = load_train_config(args.config, config_overrides)
+    settings = load_settings(args.settings, settings_overrides)
+    setup_logging(settings.log_level)
+    result = train(config, settings, resume=args.resume, force=args.force,
+                   progress=not args.no_progress)
+    metrics = result.metrics
+    print(json.dumps({k: metrics[k] for k in (
+        "base_val_loss", "adapter_val_loss", "train_loss", "tokens_per_s", "train_wall_s", "adapter_mb",
+    ) if k in metrics}, indent=2))
+    print(f"wrote {result.adapter_dir}", file=sys.stderr)
+    if not metrics["generation_check"]["ok"]:
+        print(f"error: the adapter failed its generation check: {metrics['generation_check']['problem']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _merge(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.export import merge_adapter
+
+    result = merge_adapter(settings, args.adapter, args.out, force=args.force)
+    print(f"wrote {result.out} (max |logit difference| vs the adapter: {result.max_logit_diff:.2e})",
+          file=sys.stderr)
+    return 0
+
+
+def _embeddings(args: argparse.Namespace, settings: Settings, progress: bool) -> int:
+    from finetune.embeddings import EmbeddingOptions, format_report, train_embedder
+
+    options = EmbeddingOptions(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        val_share=args.val_share, seed=args.seed, k=[int(x) for x in args.k.split(",") if x.strip()],
+    )
+    glossaries = args.glossary
+    if glossaries is None:
+        default = Path("data/demo/glossary")
+        glossaries = [default] if default.is_dir() else []
+    result = train_embedder(settings, args.qa, args.out, options, val_qa_path=args.val_qa,
+                            glossaries=glossaries, force=args.force, progress=progress)
+    print(format_report(result.metrics))
+    print(f"wrote {result.out}; use it with: RAGTUNE_EMBEDDING__MODEL={result.out} python -m ingest PATH... --reembed",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,470 @@
+"""python -m finetune prepare: Q/A records + the Qdrant index -> chat-format training files.
+
+Two kinds of example are written from the same train/validation split:
+
+- ``sft/``: question -> answer, with the prompt the chat chain uses when it retrieves nothing.
+- ``raft/``: RAFT-style (Zhang et al. 2024, "RAFT: Adapting Language Model to Domain Specific
+  RAG"). The question comes with its gold chunk and ``k`` distractor chunks, shuffled and
+  numbered exactly as the chat chain numbers retrieved chunks; the target cites the gold chunk
+  as ``[n]``. In a share ``P`` of the answerable examples the gold chunk is left out (``k + 1``
+  distractors instead, so the count gives nothing away) and the target is NOT_COVERED: the
+  model learns to say so rather than to answer from a near miss. Unanswerable records get
+  ``k + 1`` retrieved chunks and NOT_COVERED as well.
+
+Every prompt is built by ``core.prompts.build_messages``, the function the chat chain calls, so
+training and serving cannot drift apart. Each line is TRL's conversational prompt-completion
+format, ``{"prompt": [system, user], "completion": [assistant]}`` plus bookkeeping fields
+(``id``, ``case``, ``gold``, ``sources``) that training ignores.
+
+Gold chunk: the gold document's chunk most similar to the question (a Qdrant query filtered to
+that document, and to ``gold_page`` when the record names one). Distractors: the top chunks of
+other documents for the question. ``k`` defaults to ``retrieval.k - 1``, so an example shows as
+many chunks as the chat chain retrieves. A follow-up turn keeps its earlier turns as chat history
+and is searched with the previous question in front, as the chain does (``chat.condense=concat``). Everything random (split, shuffles, which examples lose their
+gold chunk) comes from the seed and the record id, so the same inputs give the same bytes.
+
+Output (written to a staging folder, renamed into place when complete):
+
+    OUT/sft/train.jsonl  OUT/sft/validation.jsonl
+    OUT/raft/train.jsonl OUT/raft/validation.jsonl
+    OUT/summary.json     counts, shares, gold positions, token lengths (chat template included)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.embeddings import Embedder
+from core.prompts import NOT_COVERED, ContextChunk, build_messages
+from core.settings import Settings
+from core.store import CONTENT_KEY, METADATA_KEY, Collection
+from finetune.files import (
+    InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json, write_jsonl,
+)
+from finetune.qa import QARecord, check_disjoint, load_qa
+from finetune.tokens import chat_token_count, length_stats
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["sft", "raft"]
+SPLITS = ("train", "validation")
+_SCROLL_PAGE = 1024
+
+
+class PrepareOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[Kind] = Field(default_factory=lambda: ["sft", "raft"], min_length=1)
+    distractors: int | None = Field(
+        None, ge=0, le=49, description="k: distractor chunks beside the gold one; default retrieval.k - 1"
+    )
+    no_gold_share: float = Field(0.2, ge=0.0, le=1.0, description="P: share of answerable RAFT examples without gold")
+    val_share: float = Field(0.1, gt=0.0, le=0.5, description="validation share when no --val-qa is given")
+    seed: int = 0
+    followups: Literal["with-history", "skip"] = Field(
+        "with-history", description="follow-up turns: keep them (earlier turns as chat history) or leave them out"
+    )
+    max_tokens: int | None = Field(None, ge=32, description="longest example allowed; default llm.context_window")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved chunk: the document it belongs to, and the chunk as the prompt shows it."""
+
+    doc_id: str
+    chunk: ContextChunk
+
+
+def context_chunk(payload: dict[str, Any]) -> ContextChunk:
+    """A stored point's payload -> the ContextChunk the prompt numbers (title, page, section)."""
+    # Field for field what chatbot.chain.Retriever builds, so a chunk reads the same in both.
+    meta = payload.get(METADATA_KEY) or {}
+    return ContextChunk(
+        text=str(payload.get(CONTENT_KEY, "")),
+        title=meta.get("title", ""),
+        source=meta.get("source", ""),
+        page=meta.get("page"),
+        section=meta.get("section") or None,
+    )
+
+
+# -- finding gold documents and retrieving chunks --------------------------------------------
+class QdrantPassages:
+    """The collection, seen as the chat chain sees it: question vectors in, numbered chunks out."""
+
+    def __init__(self, client: "QdrantClient", collection: str, embedder: Embedder):
+        self.client = client
+        self.collection = collection
+        self.embedder = embedder
+        store = Collection(client, collection)
+        if not store.exists():
+            raise InputError(
+                f"Qdrant collection {collection!r} does not exist; index the documents first, "
+                f"e.g. python -m ingest data/demo --collection {collection}"
+            )
+        store.check_embedder(embedder.info)
+        self._doc_by_source: dict[str, set[str]] = defaultdict(set)
+        self._doc_by_record: dict[str, set[str]] = defaultdict(set)
+        self._load_document_index()
+
+    def _load_document_index(self) -> None:
+        keys = [f"{METADATA_KEY}.{k}" for k in ("doc_id", "source", "record_id")]
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, limit=_SCROLL_PAGE, offset=offset, with_payload=keys, with_vectors=False
+            )
+            for point in points:
+                meta = (point.payload or {}).get(METADATA_KEY, {})
+                if "doc_id" not in meta:
+                    continue
+                self._doc_by_source[str(meta.get("source", ""))].add(meta["doc_id"])
+                if meta.get("record_id") is not None:
+                    self._doc_by_record[str(meta["record_id"])].add(meta["doc_id"])
+            if offset is None:
+                return
+
+    def gold_document(self, record: QARecord) -> str:
+        """The doc_id of the record's gold document; InputError naming the record otherwise."""
+        if record.gold_by_source:
+            wanted = record.gold_doc.strip().lstrip("./")  # type: ignore[union-attr]
+            found = {d for source, docs in self._doc_by_source.items()
+                     if source == wanted or source.endswith("/" + wanted) for d in docs}
+            what = f"gold_doc {record.gold_doc!r}: no indexed document whose source ends with '/{wanted}'"
+        else:
+            found = self._doc_by_record.get(record.id, set())
+            what = f"id {record.id!r}: no indexed JSONL record with metadata.record_id {record.id!r}"
+        if not found:
+            raise InputError(f"{record.where}: {what} in collection {self.collection!r}")
+        if len(found) > 1:
+            raise InputError(
+                f"{record.where}: the gold document is ambiguous in collection {self.collection!r}: "
+                f"{', '.join(sorted(found))}"
+            )
+        return next(iter(found))
+
+    def embed(self, questions: Sequence[str]) -> list[list[float]]:
+        # embed_documents batches; HuggingFaceEmbeddings encodes queries with the same options.
+        return self.embedder.embeddings.embed_documents(list(questions))
+
+    def best_in_document(self, vector: list[float], doc_id: str, page: int | None) -> Passage | None:
+        from qdrant_client import models
+
+        must = [models.FieldCondition(key=f"{METADATA_KEY}.doc_id", match=models.MatchValue(value=doc_id))]
+        if page is not None:
+            must.append(models.FieldCondition(key=f"{METADATA_KEY}.page", match=models.MatchValue(value=page)))
+        hits = self._query(vector, models.Filter(must=must), 1)
+        return hits[0] if hits else None
+
+    def top_outside(self, vector: list[float], exclude_doc_id: str | None, limit: int) -> list[Passage]:
+        from qdrant_client import models
+
+        query_filter = None
+        if exclude_doc_id is not None:
+            query_filter = models.Filter(must_not=[
+                models.FieldCondition(key=f"{METADATA_KEY}.doc_id", match=models.MatchValue(value=exclude_doc_id))
+            ])
+        return self._query(vector, query_filter, limit)
+
+    def _query(self, vector: list[float], query_filter: Any, limit: int) -> list[Passage]:
+        if limit <= 0:
+            return []
+        response = self.client.query_points(
+            self.collection, query=vector, query_filter=query_filter, limit=limit, with_payload=True
+        )
+        return [
+            Passage(doc_id=str(p.payload[METADATA_KEY]["doc_id"]), chunk=context_chunk(p.payload))
+            for p in response.points
+        ]
+
+
+# -- splitting and assembling ----------------------------------------------------------------
+def split_records(records: list[QARecord], val_share: float, seed: int) -> tuple[list[QARecord], list[QARecord]]:
+    """A seeded split that keeps each conversation on one side (no follow-up leaks its context)."""
+    groups: dict[str, list[QARecord]] = defaultdict(list)
+    for record in records:
+        groups[record.conversation_id or f"record:{record.id}"].append(record)
+    keys = sorted(groups)
+    random.Random(f"{seed}:split").shuffle(keys)
+    wanted = max(1, round(val_share * len(records)))
+    chosen: set[str] = set()
+    taken = 0
+    for key in keys:
+        if taken >= wanted:
+            break
+        chosen.add(key)
+        taken += len(groups[key])
+    if taken >= len(records):
+        raise InputError(
+            f"{records[0].where.rsplit(':', 1)[0]}: {len(records)} records cannot be split into a training and a "
+            "validation part; add records or give --val-qa"
+        )
+    train = [r for r in records if (r.conversation_id or f"record:{r.id}") not in chosen]
+    validation = [r for r in records if (r.conversation_id or f"record:{r.id}") in chosen]
+    return train, validation
+
+
+def conversation_history(record: QARecord, everything: list[QARecord]) -> list[tuple[str, str]]:
+    """Earlier turns of the record's conversation, as the chat chain keeps them: text only."""
+    if not record.followup or record.conversation_id is None or record.turn is None:
+        return []
+    earlier = sorted(
+        (r for r in everything
+         if r.conversation_id == record.conversation_id and r.turn is not None and r.turn < record.turn),
+        key=lambda r: r.turn or 0,
+    )
+    return [(r.question, target_without_documents(r)) for r in earlier]
+
+
+def retrieval_query(record: QARecord, history: list[tuple[str, str]]) -> str:
+    """What the chat chain searches with (chat.condense='concat'): a follow-up gets the
+    previous question in front, which carries the topic the follow-up leaves out."""
+    return f"{history[-1][0]} {record.question}" if history else record.question
+
+
+def target_without_documents(record: QARecord) -> str:
+    return NOT_COVERED if record.unanswerable else record.answer_text()
+
+
+def with_citation(answer: str, number: int) -> str:
+    return f"{answer} [{number}]"
+
+
+def sft_example(record: QARecord, history: list[tuple[str, str]]) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "case": "unanswerable" if record.unanswerable else "answer",
+        "prompt": build_messages(record.question, None, history),
+        "completion": [{"role": "assistant", "content": target_without_documents(record)}],
+    }
+
+
+def raft_example(
+    record: QARecord,
+    history: list[tuple[str, str]],
+    gold: Passage | None,
+    distractors: list[Passage],
+    seed: int,
+) -> dict[str, Any]:
+    """Shuffle gold + distractors (seeded by the record id), number them, and cite the gold one."""
+    passages = ([gold] if gold is not None else []) + list(distractors)
+    random.Random(f"{seed}:order:{record.id}").shuffle(passages)
+    if gold is not None:
+        number = passages.index(gold) + 1
+        target, case = with_citation(record.answer_text(), number), "gold"
+    else:
+        number, target = None, NOT_COVERED
+        case = "unanswerable" if record.unanswerable else "no_gold"
+    return {
+        "id": record.id,
+        "case": case,
+        "gold": number,
+        "sources": [p.chunk.source for p in passages],
+        "prompt": build_messages(record.question, [p.chunk for p in passages], history),
+        "completion": [{"role": "assistant", "content": target}],
+    }
+
+
+def choose_no_gold(records: list[QARecord], share: float, seed: int, split: str) -> set[str]:
+    """Exactly round(share * answerable) record ids lose their gold chunk: the share is the config."""
+    answerable = [r.id for r in records if not r.unanswerable]
+    count = round(share * len(answerable))
+    return set(random.Random(f"{seed}:no-gold:{split}").sample(answerable, count))
+
+
+def build_raft_examples(
+    records: list[QARecord],
+    everything: list[QARecord],
+    passages: QdrantPassages,
+    options: PrepareOptions,
+    split: str,
+    distractors: int,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    no_gold = choose_no_gold(records, options.no_gold_share, options.seed, split)
+    histories = [conversation_history(r, everything) for r in records]
+    vectors = passages.embed([retrieval_query(r, h) for r, h in zip(records, histories)])
+    examples: list[dict[str, Any]] = []
+    problems: list[str] = []
+    k = distractors
+    for record, history, vector in tqdm(
+        list(zip(records, histories, vectors)), desc=f"raft {split}", disable=not progress
+    ):
+        if record.unanswerable:
+            examples.append(raft_example(record, history, None, passages.top_outside(vector, None, k + 1), options.seed))
+            continue
+        try:
+            doc_id = passages.gold_document(record)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        if record.id in no_gold:
+            examples.append(raft_example(record, history, None, passages.top_outside(vector, doc_id, k + 1), options.seed))
+            continue
+        gold = passages.best_in_document(vector, doc_id, record.gold_page)
+        if gold is None:
+            problems.append(f"{record.where}: gold_page {record.gold_page} has no indexed chunk in {doc_id}")
+            continue
+        examples.append(raft_example(record, history, gold, passages.top_outside(vector, doc_id, k), options.seed))
+    raise_problems(problems, "gold documents not found")
+    return examples
+
+
+# -- the command ------------------------------------------------------------------------------
+@dataclass
+class PrepareResult:
+    out: Path
+    summary: dict[str, Any]
+
+
+def prepare(
+    settings: Settings,
+    qa_path: Path,
+    out: Path,
+    options: PrepareOptions,
+    *,
+    client: "QdrantClient | None" = None,
+    embedder: Embedder | None = None,
+    tokenizer: "PreTrainedTokenizerBase | None" = None,
+    val_qa_path: Path | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> PrepareResult:
+    """Read, split, build both kinds, check lengths, then write everything in one rename."""
+    refuse_existing(out, force)
+    records = load_qa(qa_path)
+    if val_qa_path is not None:
+        validation = load_qa(val_qa_path)
+        check_disjoint(records, validation)
+        train = records
+    else:
+        train, validation = split_records(records, options.val_share, options.seed)
+    everything = train + validation
+    if options.followups == "skip":
+        train = [r for r in train if not r.followup]
+        validation = [r for r in validation if not r.followup]
+    splits = {"train": train, "validation": validation}
+    for name, part in splits.items():
+        if not part:
+            raise InputError(f"the {name} split is empty (after --followups {options.followups})")
+
+    if tokenizer is None:
+        from finetune.models import load_chat_tokenizer
+
+        tokenizer = load_chat_tokenizer(settings)
+    examples: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    if "sft" in options.kinds:
+        examples["sft"] = {
+            name: [sft_example(r, conversation_history(r, everything)) for r in part] for name, part in splits.items()
+        }
+    embedder_name = None
+    distractors = options.distractors if options.distractors is not None else settings.retrieval.k - 1
+    if "raft" in options.kinds:
+        owns_client = client is None
+        if embedder is None:
+            from core.embeddings import load_embedder
+
+            embedder = load_embedder(settings.embedding)
+        if client is None:
+            from core.store import open_client
+
+            client = open_client(settings)
+        try:
+            passages = QdrantPassages(client, settings.qdrant.collection, embedder)
+            examples["raft"] = {
+                name: build_raft_examples(part, everything, passages, options, name, distractors, progress)
+                for name, part in splits.items()
+            }
+        finally:
+            if owns_client:
+                client.close()
+        embedder_name = embedder.info.name
+
+    limit = options.max_tokens or settings.llm.context_window
+    summary = summarise(examples, splits, tokenizer, limit)
+    summary["inputs"] = {
+        "qa": {"path": str(qa_path), "sha256": sha256_file(Path(qa_path))},
+        **({"val_qa": {"path": str(val_qa_path), "sha256": sha256_file(Path(val_qa_path))}} if val_qa_path else {}),
+    }
+    summary["options"] = options.model_dump() | {"max_tokens": limit, "distractors": distractors}
+    summary["chat_model"] = settings.llm.model
+    if embedder_name is not None:
+        summary["collection"] = settings.qdrant.collection
+        summary["embedder"] = embedder_name
+
+    with staged_dir(out, force) as staging:
+        for kind, by_split in examples.items():
+            (staging / kind).mkdir()
+            for name, rows in by_split.items():
+                write_jsonl(staging / kind / f"{name}.jsonl", rows)
+        write_json(staging / "summary.json", summary)
+    return PrepareResult(out=out, summary=summary)
+
+
+def summarise(
+    examples: dict[str, dict[str, list[dict[str, Any]]]],
+    splits: dict[str, list[QARecord]],
+    tokenizer: "PreTrainedTokenizerBase",
+    limit: int,
+) -> dict[str, Any]:
+    """Counts, shares and token lengths; an example over ``limit`` tokens stops everything."""
+    where = {r.id: r.where for part in splits.values() for r in part}
+    problems: list[str] = []
+    summary: dict[str, Any] = {
+        "records": {name: len(part) for name, part in splits.items()},
+        "followups": {name: sum(r.followup for r in part) for name, part in splits.items()},
+    }
+    for kind, by_split in examples.items():
+        summary[kind] = {}
+        for name, rows in by_split.items():
+            lengths = []
+            for row in rows:
+                length = chat_token_count(tokenizer, row["prompt"] + row["completion"])
+                lengths.append(length)
+                if length > limit:
+                    problems.append(
+                        f"{where[row['id']]}: the {kind} example is {length} tokens, over the limit of {limit} "
+                        "(raise --max-tokens, or use fewer --distractors)"
+                    )
+            cases = Counter(row["case"] for row in rows)
+            entry: dict[str, Any] = {"examples": len(rows), "cases": dict(sorted(cases.items())),
+                                     "tokens": length_stats(lengths)}
+            if kind == "raft":
+                answerable = cases["gold"] + cases["no_gold"]
+                entry["no_gold_share"] = round(cases["no_gold"] / answerable, 4) if answerable else 0.0
+                entry["gold_position"] = dict(sorted(Counter(str(row["gold"]) for row in rows if row["gold"]).items()))
+            summary[kind][name] = entry
+    raise_problems(problems, "examples longer than the limit")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The few lines a person reads after prepare."""
+    lines = [f"records: train {summary['records']['train']}, validation {summary['records']['validation']}"]
+    for kind in ("sft", "raft"):
+        for name in SPLITS:
+            entry = summary.get(kind, {}).get(name)
+            if not entry:
+                continue
+            tokens = entry["tokens"]
+            cases = ", ".join(f"{c} {n}" for c, n in entry["cases"].items())
+            line = (f"{kind:4} {name:10} {entry['examples']:5} examples ({cases}); tokens "
+                    f"mean {tokens.get('mean', 0)}, p95 {tokens.get('p95', 0)}, max {tokens.get('max', 0)}")
+            if kind == "raft":
+                line += f"; gold at {entry['gold_position']}"
+            lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""python -m finetune embeddings: teach the embedder the team's phrasing ("MI" = "myocardial infarction").
+
+Pairs: each answerable training question with its gold chunk (the same gold chunk ``prepare``
+finds: the gold document's chunk nearest the question), plus every abbreviation variant of the
+question (expanded and contracted, from the glossary) with the same chunk. Loss:
+sentence-transformers' MultipleNegativesRankingLoss, where the other chunks of a batch are the
+negatives; the NO_DUPLICATES batch sampler keeps a question's variants, which share a chunk,
+out of each other's batches (they would be false negatives).
+
+Measured before and after, on held-out questions and on their abbreviation variants: recall@k,
+the share of questions with a chunk of their gold document among the top k of the whole
+collection (what retrieval gives the chat model). The collection's stored vectors are not
+touched; both models embed the collection's chunks in memory for the measurement.
+
+Output: ``<data_dir>/embedders/NAME`` (a sentence-transformers folder + metrics.json). Using it
+means re-embedding the collection, which the collection's embedder record enforces:
+``RAGTUNE_EMBEDDING__MODEL=data/embedders/NAME python -m ingest PATH... --reembed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.embeddings import Embedder, packaged_embedder_source
+from core.hub import resolve
+from core.settings import Settings
+from core.store import CONTENT_KEY, METADATA_KEY
+from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
+from finetune.data import QdrantPassages, conversation_history, retrieval_query, split_records
+from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
+from finetune.qa import QARecord, check_disjoint, load_qa
+
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+log = logging.getLogger(__name__)
+
+_SCROLL_PAGE = 1024
+
+
+class EmbeddingOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(16, ge=2, description="pairs per batch; each pair's negatives are the others")
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup: float = Field(0.1, ge=0, lt=1)
+    val_share: float = Field(0.2, gt=0, le=0.5)
+    seed: int = 0
+    k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+
+
+@dataclass
+class EmbedderResult:
+    out: Path
+    metrics: dict[str, Any]
+
+
+def embed_text(title: str, section: str | None, text: str) -> str:
+    """What ingest embeds for a chunk: its heading line, then the text (ingest/chunking.py).
+
+    The payload keeps the text without the heading, so it is rebuilt here; the positives and
+    the corpus must be what the index holds, or the measured recall is not retrieval's.
+    """
+    heading = f"{title} | {section}" if section and section != title else title
+    return f"{heading}\n{text}"
+
+
+def payload_embed_text(payload: dict[str, Any]) -> str:
+    meta = payload.get(METADATA_KEY) or {}
+    return embed_text(meta.get("title", ""), meta.get("section"), str(payload.get(CONTENT_KEY, "")))
+
+
+def collection_corpus(client: "QdrantClient", collection: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Every chunk of the collection as embedded text, and the chunk ids of each document."""
+    corpus: dict[str, str] = {}
+    by_doc: dict[str, set[str]] = {}
+    offset = None
+    while True:
+        points, offset = client.scroll(collection, limit=_SCROLL_PAGE, offset=offset, with_payload=True,
+                                       with_vectors=False)
+        for point in points:
+            payload = point.payload or {}
+            corpus[str(point.id)] = payload_embed_text(payload)
+            by_doc.setdefault(payload[METADATA_KEY]["doc_id"], set()).add(str(point.id))
+        if offset is None:
+            return corpus, by_doc
+
+
+def training_pairs(
+    records: list[QARecord], everything: list[QARecord], passages: QdrantPassages, swapper: AbbreviationSwapper,
+) -> tuple[list[dict[str, str]], int]:
+    """(anchor question, positive chunk text) pairs, abbreviation variants included."""
+    answerable = [r for r in records if not r.unanswerable]
+    queries = [retrieval_query(r, conversation_history(r, everything)) for r in answerable]
+    vectors = passages.embed(queries)
+    pairs: list[dict[str, str]] = []
+    variants = 0
+    problems: list[str] = []
+    for record, query, vector in zip(answerable, queries, vectors):
+        try:
+            doc_id = passages.gold_document(record)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        gold = passages.best_in_document(vector, doc_id, record.gold_page)
+        if gold is None:
+            problems.append(f"{record.where}: gold_page {record.gold_page} has no indexed chunk in {doc_id}")
+            continue
+        positive = embed_text(gold.chunk.title, gold.chunk.section, gold.chunk.text)
+        pairs.append({"anchor": query, "positive": positive})
+        for variant in swapper.variants(query):
+            pairs.append({"anchor": variant, "positive": positive})
+            variants += 1
+    raise_problems(problems, "gold documents not found")
+    return pairs, variants
+
+
+def held_out_queries(
+    records: list[QARecord], everything: list[QARecord], passages: QdrantPassages, swapper: AbbreviationSwapper,
+    by_doc: dict[str, set[str]],
+) -> tuple[dict[str, dict[str, str]], dict[str, set[str]]]:
+    """Query sets ("questions", "variants") and the relevant chunk ids (all of the gold document)."""
+    sets: dict[str, dict[str, str]] = {"questions": {}, "variants": {}}
+    relevant: dict[str, set[str]] = {}
+    for record in records:
+        if record.unanswerable:
+            continue
+        doc_id = passages.gold_document(record)
+        query = retrieval_query(record, conversation_history(record, everything))
+        sets["questions"][record.id] = query
+        relevant[record.id] = by_doc[doc_id]
+        for n, variant in enumerate(swapper.variants(query)):
+            key = f"{record.id}~{n}"
+            sets["variants"][key] = variant
+            relevant[key] = by_doc[doc_id]
+    return sets, relevant
+
+
+def recall_at_k(
+    model: Any, query_sets: dict[str, dict[str, str]], corpus: dict[str, str], relevant: dict[str, set[str]],
+    ks: list[int],
+) -> dict[str, dict[str, float]]:
+    """Per query set: the share of queries with a relevant chunk among the top k of the corpus.
+
+    The corpus is embedded once per model; sentence-transformers' semantic_search ranks it.
+    """
+    from sentence_transformers.util import semantic_search
+
+    ids = list(corpus)
+    corpus_vectors = model.encode([corpus[i] for i in ids], convert_to_tensor=True, normalize_embeddings=True,
+                                  batch_size=32, show_progress_bar=False)
+    results: dict[str, dict[str, float]] = {}
+    for name, queries in query_sets.items():
+        if not queries:
+            results[name] = {}
+            continue
+        keys = list(queries)
+        vectors = model.encode([queries[k] for k in keys], convert_to_tensor=True, normalize_embeddings=True,
+                               batch_size=32, show_progress_bar=False)
+        ranked = semantic_search(vectors, corpus_vectors, top_k=max(ks))
+        results[name] = {
+            f"recall@{k}": round(sum(
+                any(ids[hit["corpus_id"]] in relevant[key] for hit in hits[:k]) for key, hits in zip(keys, ranked)
+            ) / len(keys), 4)
+            for k in ks
+        }
+    return results
+
+
+def train_embedder(
+    settings: Settings,
+    qa_path: Path,
+    name: str,
+    options: EmbeddingOptions,
+    *,
+    val_qa_path: Path | None = None,
+    glossaries: list[Path] | None = None,
+    client: "QdrantClient | None" = None,
+    embedder: Embedder | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> EmbedderResult:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    started = time.perf_counter()
+    if not name or "/" in name or name.startswith("."):
+        raise InputError(f"--out {name!r}: give a plain name; the embedder is saved to <data_dir>/embedders/NAME")
+    target = settings.data_dir / "embedders" / name
+    refuse_existing(target, force)
+
+    records = load_qa(qa_path)
+    if val_qa_path is not None:
+        held_out = load_qa(val_qa_path)
+        check_disjoint(records, held_out)
+        train_records = records
+    else:
+        train_records, held_out = split_records(records, options.val_share, options.seed)
+    everything = train_records + held_out
+    table = load_glossaries(glossaries) if glossaries else {}
+    swapper = AbbreviationSwapper(table or BUILTIN)
+
+    if embedder is None:
+        from core.embeddings import load_embedder
+
+        embedder = load_embedder(settings.embedding)
+    owns_client = client is None
+    if client is None:
+        from core.store import open_client
+
+        client = open_client(settings)
+    try:
+        passages = QdrantPassages(client, settings.qdrant.collection, embedder)
+        pairs, variant_pairs = training_pairs(train_records, everything, passages, swapper)
+        corpus, by_doc = collection_corpus(client, settings.qdrant.collection)
+        query_sets, relevant = held_out_queries(held_out, everything, passages, swapper, by_doc)
+    finally:
+        if owns_client:
+            client.close()
+    if len(pairs) < 2:
+        raise InputError(f"{qa_path}: {len(pairs)} (question, gold chunk) pair(s); at least 2 are needed")
+
+    source = resolve(settings.embedding.model, packaged_embedder_source)
+    model = SentenceTransformer(source.location, device=settings.embedding.device,
+                                local_files_only=source.local)
+    ks = sorted(set(options.k))
+    before = recall_at_k(model, query_sets, corpus, relevant, ks)
+
+    checkpoints = settings.data_dir / "checkpoints" / f"embedder-{name}"
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=options.epochs,
+        per_device_train_batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        warmup_steps=options.warmup,  # a float below 1 is a share of the steps
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        seed=options.seed, data_seed=options.seed,
+        use_cpu=True, bf16=False, fp16=False,
+        save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=not progress,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(pairs), loss=MultipleNegativesRankingLoss(model),
+    )
+    train_started = time.perf_counter()
+    output = trainer.train()
+    train_seconds = time.perf_counter() - train_started
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    after = recall_at_k(model, query_sets, corpus, relevant, ks)
+    metrics: dict[str, Any] = {
+        "name": name,
+        "base_embedder": embedder.info.name,
+        "collection": settings.qdrant.collection,
+        "corpus_chunks": len(corpus),
+        "train_questions": sum(not r.unanswerable for r in train_records),
+        "train_pairs": len(pairs),
+        "abbreviation_variant_pairs": variant_pairs,
+        "abbreviations": len(swapper.table),
+        "glossaries": [str(p) for p in glossaries or []] or ["built-in table"],
+        "held_out": {s: len(q) for s, q in query_sets.items()},
+        "recall_before": before,
+        "recall_after": after,
+        "train_loss": round(float(output.training_loss), 4),
+        "train_wall_s": round(train_seconds, 1),
+        "total_wall_s": round(time.perf_counter() - started, 1),
+        "options": options.model_dump(),
+        "inputs": {"qa": {"path": str(qa_path), "sha256": sha256_file(Path(qa_path))},
+                   **({"val_qa": {"path": str(val_qa_path), "sha256": sha256_file(Path(val_qa_path))}}
+                      if val_qa_path else {})},
+    }
+    with staged_dir(target, force) as staging:
+        model.save_pretrained(str(staging))
+        write_json(staging / "metrics.json", metrics)
+    return EmbedderResult(out=target, metrics=metrics)
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    lines = [f"{metrics['train_pairs']} training pairs ({metrics['abbreviation_variant_pairs']} abbreviation variants), "
+             f"{metrics['train_wall_s']} s; recall@k over {metrics['corpus_chunks']} chunks:"]
+    for query_set, count in metrics["held_out"].items():
+        if not count:
+            continue
+        before, after = metrics["recall_before"][query_set], metrics["recall_after"][query_set]
+        cells = ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in before)
+        lines.append(f"  held-out {query_set} ({count}): {cells}")
+    return "\n".join(lines)

@@ -1,0 +1,362 @@
+"""python -m finetune train: a LoRA adapter for the chat model, with TRL's SFTTrainer, on a CPU.
+
+A run, top to bottom:
+
+1. Read the prepared JSONL files (``finetune prepare``) and check every example: prompt and
+   completion messages, a non-empty answer, and a length within ``max_length`` tokens counted
+   through the chat template. A longer example is an error naming its line, never silently cut
+   (TRL would truncate it, and a truncated answer teaches the model to stop mid-sentence).
+2. Refuse to overwrite ``<data_dir>/adapters/NAME`` without ``--force``; find the checkpoints
+   of an unfinished run in ``<data_dir>/checkpoints/NAME`` (git-ignored) for ``--resume``, and
+   refuse to resume one made from other data, another config or another base model.
+3. Train: PEFT LoRA through SFTTrainer on the conversational prompt-completion format, whose
+   loss covers the completion (the assistant's answer and its <|im_end|>) only. SmolLM2's chat
+   template has no {% generation %} markers, so ``assistant_only_loss`` is not an option.
+   fp32 on the CPU: no bf16 (TRL's default would turn it on), no gradient checkpointing (135M
+   parameters fit; recomputing activations would cost ~20% of the time for nothing).
+4. Evaluate the validation loss of the adapter and of the base model (the same model with the
+   adapter switched off, so both numbers come from the same code path).
+5. Write adapter, tokenizer, resolved config, data fingerprint and metrics to a staging folder,
+   load the adapter from there with ``core.llm.load_chat_model`` and check it answers a few
+   validation prompts and stops at EOS, then rename it into place and delete the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from core.llm import load_chat_model
+from core.settings import Settings
+from finetune.config import TrainConfig
+from finetune.files import (
+    InputError, iter_jsonl, raise_problems, refuse_existing, sha256_file, staged_dir, write_json,
+)
+from finetune.models import load_chat_tokenizer, load_plain_chat_model
+from finetune.tokens import chat_token_count
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+log = logging.getLogger(__name__)
+
+ROLES = {"system", "user", "assistant"}
+RUN_RECORD = "run.json"
+
+
+# -- the data ---------------------------------------------------------------------------------
+@dataclass
+class Example:
+    where: str  # file:line
+    prompt: list[dict[str, str]]
+    completion: list[dict[str, str]]
+
+
+def _message_problem(message: Any) -> str | None:
+    if not isinstance(message, dict) or set(message) != {"role", "content"}:
+        return "each message must be an object with exactly 'role' and 'content'"
+    if message["role"] not in ROLES:
+        return f"unknown role {message['role']!r}"
+    if not isinstance(message["content"], str) or not message["content"].strip():
+        return f"empty {message['role']} message"
+    return None
+
+
+def read_examples(path: Path) -> list[Example]:
+    """The prepared file, checked line by line; every problem is reported with its file:line."""
+    path = Path(path)
+    examples: list[Example] = []
+    problems: list[str] = []
+    for number, row in iter_jsonl(path):
+        where = f"{path}:{number}"
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), list) or not isinstance(row.get("completion"), list):
+            problems.append(f"{where}: expected {{'prompt': [messages], 'completion': [assistant message]}}")
+            continue
+        prompt, completion = row["prompt"], row["completion"]
+        problem = next((p for p in map(_message_problem, prompt + completion) if p), None)
+        if problem is None and (not prompt or prompt[-1]["role"] != "user"):
+            problem = "the prompt must end with a user message"
+        if problem is None and (len(completion) != 1 or completion[0]["role"] != "assistant"):
+            problem = "the completion must be exactly one assistant message"
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        examples.append(Example(where, prompt, completion))
+    raise_problems(problems, str(path))
+    if not examples:
+        raise InputError(f"{path}: no training examples")
+    return examples
+
+
+def check_lengths(tokenizer: "PreTrainedTokenizerBase", examples: list[Example], max_length: int) -> list[int]:
+    lengths = [chat_token_count(tokenizer, e.prompt + e.completion) for e in examples]
+    raise_problems(
+        [f"{e.where}: {n} tokens, over max_length {max_length} (raise max_length, or prepare with fewer "
+         "--distractors)" for e, n in zip(examples, lengths) if n > max_length],
+        "examples longer than max_length",
+    )
+    return lengths
+
+
+def read_all(paths: list[Path]) -> list[Example]:
+    return [example for path in paths for example in read_examples(path)]
+
+
+def data_fingerprint(config: TrainConfig) -> dict[str, Any]:
+    """sha256 of every data file: which data made an adapter, and whether a checkpoint may resume."""
+    return {
+        split: [{"path": str(path), "sha256": sha256_file(path)} for path in paths]
+        for split, paths in (("train", config.train_files), ("validation", config.validation_files))
+    }
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def checkpoint_to_resume(folder: Path, run: dict[str, Any], resume: bool, force: bool) -> str | None:
+    """The checkpoint to continue from, or None for a fresh start (after checking it may start)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    record = folder / RUN_RECORD
+    if folder.exists() and not resume:
+        if not force and get_last_checkpoint(str(folder)) is not None:
+            raise InputError(
+                f"{folder} holds checkpoints of an unfinished run: pass --resume to continue it, "
+                "or --force to discard them and start again"
+            )
+        shutil.rmtree(folder)
+    if resume and folder.exists():
+        recorded = json.loads(record.read_text()) if record.is_file() else None
+        if recorded != run:
+            differing = sorted(k for k in set(run) | set(recorded or {}) if (recorded or {}).get(k) != run.get(k))
+            raise InputError(
+                f"cannot resume from {folder}: it was made with a different {', '.join(differing) or 'run'} "
+                f"(recorded in {record}); train with --force to start again"
+            )
+        last = get_last_checkpoint(str(folder))
+        if last is None:
+            log.warning("--resume: no checkpoint in %s yet; starting from step 0", folder)
+        else:
+            log.info("resuming from %s", last)
+        return last
+    if resume:
+        log.warning("--resume: %s does not exist; starting from step 0", folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(run, indent=2, sort_keys=True))
+    return None
+
+
+# -- the run ----------------------------------------------------------------------------------
+def training_threads(configured: int | str) -> int:
+    """Threads for torch. 'auto' uses every core only when the CPU is otherwise idle.
+
+    Measured on the 2-core machine with another job running: one LoRA step over 2 x 880 tokens
+    took 80 s with 2 threads and 25-32 s with 1, because each parallel region waits for a thread
+    that shares its core with the other job. On an idle CPU 2 threads are ~1.9x faster than 1.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if configured != "auto":
+        return int(configured)
+    busy = os.getloadavg()[0]  # runnable processes, averaged over the last minute
+    return max(1, cores - round(busy))
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict[str, Any]
+
+
+def _throughput_meter() -> "TrainerCallback":
+    from transformers import TrainerCallback
+
+    class ThroughputMeter(TrainerCallback):
+        """Tokens and seconds of this session only (a resumed run restores earlier counts)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step
+            self.start_tokens = state.num_input_tokens_seen
+            self.started = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.started
+            self.tokens = state.num_input_tokens_seen - self.start_tokens
+            self.steps = state.global_step - self.start_step
+
+    return ThroughputMeter()
+
+
+def train(
+    config: TrainConfig,
+    settings: Settings,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    callbacks: list["TrainerCallback"] | None = None,
+) -> TrainResult:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    started = time.perf_counter()
+    config = config.with_data_dir(settings.data_dir)
+    adapter_dir = settings.adapters_dir / config.name
+    refuse_existing(adapter_dir, force)
+    train_rows, val_rows = read_all(config.train_files), read_all(config.validation_files)
+    tokenizer = load_chat_tokenizer(settings)
+    train_lengths = check_lengths(tokenizer, train_rows, config.max_length)
+    check_lengths(tokenizer, val_rows, config.max_length)
+    fingerprint = data_fingerprint(config)
+
+    checkpoints = settings.data_dir / "checkpoints" / config.name
+    run = {"config": config.fingerprint_fields(), "base_model": settings.llm.model,
+           "data": fingerprint}
+    last_checkpoint = checkpoint_to_resume(checkpoints, run, resume, force)
+
+    threads = training_threads(config.threads)  # read the load before this process adds to it
+    chat = load_plain_chat_model(settings)  # training starts from the base, whatever llm.adapter says
+    torch.set_num_threads(threads)  # after loading: core.llm applies llm.threads
+    lora = LoraConfig(
+        r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup,  # a float below 1 is a share of the steps
+        weight_decay=config.weight_decay,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        packing=False,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
+        logging_steps=config.logging_steps, logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        seed=config.seed, data_seed=config.seed,
+        report_to="none", disable_tqdm=not progress,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
+    )
+    def as_dataset(rows: list[Example]) -> Dataset:
+        # Only the two columns TRL reads; prepare's bookkeeping fields stay behind.
+        return Dataset.from_list([{"prompt": r.prompt, "completion": r.completion} for r in rows])
+
+    meter = _throughput_meter()
+    trainer = SFTTrainer(
+        model=chat.model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(val_rows),
+        processing_class=chat.tokenizer, peft_config=lora, callbacks=[meter, *(callbacks or [])],
+    )
+    output = trainer.train(resume_from_checkpoint=last_checkpoint)
+
+    history = list(trainer.state.log_history)
+    evals = [h for h in history if "eval_loss" in h]
+    # The end of the last epoch was just evaluated; evaluate again only if training stopped mid-epoch.
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        adapter_loss = evals[-1]["eval_loss"]
+    else:
+        adapter_loss = trainer.evaluate()["eval_loss"]
+    with trainer.model.disable_adapter():
+        base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+    # Evaluation inside trainer.train() is not training: keep it out of tokens per second.
+    eval_seconds = sum(h.get("eval_runtime", 0.0) for h in evals if h["step"] > meter.start_step)
+    train_seconds = max(meter.seconds - eval_seconds, 1e-9)
+    metrics: dict[str, Any] = {
+        "name": config.name,
+        "base_model": chat.base_name,
+        "train_examples": len(train_rows),
+        "validation_examples": len(val_rows),
+        "train_tokens_per_epoch": sum(train_lengths),
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "resumed_from_step": meter.start_step if last_checkpoint else None,
+        "train_loss": round(output.training_loss, 4),
+        "train_loss_history": [{"step": h["step"], "loss": round(h["loss"], 4)} for h in history if "loss" in h],
+        "val_loss_history": [{"epoch": round(h["epoch"], 3), "step": h["step"], "loss": round(h["eval_loss"], 4)}
+                             for h in evals],
+        "base_val_loss": round(base_loss, 4),
+        "adapter_val_loss": round(adapter_loss, 4),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "tokens_seen": meter.tokens,
+        "tokens_per_s": round(meter.tokens / train_seconds, 1),
+        "train_wall_s": round(meter.seconds, 1),
+        "eval_in_training_s": round(eval_seconds, 1),
+        "threads": torch.get_num_threads(),
+    }
+
+    with staged_dir(adapter_dir, force) as staging:
+        save_adapter(trainer.model, chat.tokenizer, chat.base_name, staging)
+        resolved = config.model_dump(mode="json") | {"base_model": chat.base_name, "llm_model_setting": settings.llm.model}
+        (staging / "train_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+        write_json(staging / "data_fingerprint.json", fingerprint)
+        adapter_settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"adapter": str(staging)})})
+        metrics["generation_check"] = generation_check(adapter_settings, val_rows[: config.check_examples])
+        metrics["adapter_mb"] = round(sum(f.stat().st_size for f in staging.glob("adapter_model.*")) / 2**20, 2)
+        metrics["total_wall_s"] = round(time.perf_counter() - started, 1)
+        write_json(staging / "metrics.json", metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("adapter %s: val loss %.4f (base %.4f), %s tokens/s, %.0f s",
+             adapter_dir, metrics["adapter_val_loss"], metrics["base_val_loss"], metrics["tokens_per_s"],
+             metrics["train_wall_s"])
+    return TrainResult(adapter_dir=adapter_dir, metrics=metrics)
+
+
+def save_adapter(model: Any, tokenizer: "PreTrainedTokenizerBase", base_name: str, folder: Path) -> None:
+    """Adapter weights + tokenizer (with its chat template), and nothing machine-specific."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    config_file = folder / "adapter_config.json"
+    adapter_config = json.loads(config_file.read_text())
+    # PEFT records the local folder the base was loaded from (/home/.../data/models/...); the
+    # public name travels between machines and is what core.llm.attach_adapter checks against.
+    adapter_config["base_model_name_or_path"] = base_name
+    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+
+
+def generation_check(settings: Settings, rows: list[Example]) -> dict[str, Any]:
+    """Load the adapter as the chat app will and make sure it answers and stops at EOS."""
+    import torch
+
+    chat = load_chat_model(settings, with_adapter=True)
+    tokenizer, model = chat.tokenizer, chat.model
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    samples = []
+    for row in rows:
+        inputs = tokenizer.apply_chat_template(
+            row.prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            output = model.generate(
+                **inputs, max_new_tokens=settings.llm.max_new_tokens, do_sample=False,
+                repetition_penalty=settings.llm.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+            )
+        new = output[0, inputs["input_ids"].shape[1]:].tolist()
+        samples.append({
+            "where": row.where,
+            "expected": row.completion[0]["content"],
+            "output": tokenizer.decode(new, skip_special_tokens=True).strip(),
+            "new_tokens": len(new),
+            "stopped_at_eos": bool(new) and new[-1] in eos_ids,
+        })
+    problem = next((
+        f"{s['where']}: " + ("no EOS within llm.max_new_tokens" if not s["stopped_at_eos"] else "empty answer")
+        for s in samples if not s["stopped_at_eos"] or not s["output"]
+    ), None)
+    return {"ok": problem is None, "problem": problem, "samples": samples}

@@ -1,0 +1,303 @@
+"""Fine-tuning without models: Q/A validation, splits, RAFT assembly, configs, output folders."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from core.prompts import NOT_COVERED, SYSTEM_WITH_DOCUMENTS, SYSTEM_WITHOUT_DOCUMENTS, ContextChunk, build_messages
+from core.settings import SettingsError
+from finetune.abbreviations import BUILTIN, AbbreviationSwapper, clean_expansion, load_glossaries
+from finetune.cli import make_parser
+from finetune.config import load_train_config, split_overrides
+from finetune.data import (
+    Passage, PrepareOptions, build_raft_examples, choose_no_gold, context_chunk, retrieval_query, sft_example,
+    split_records,
+)
+from finetune.files import InputError, OutputExistsError, staged_dir
+from finetune.qa import QARecord, check_disjoint, load_qa
+from finetune.train import read_examples
+from tests.conftest import DEMO, PUBMEDQA, REPO
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def qa(record_id: str, **fields) -> str:
+    return json.dumps({"id": record_id, "question": f"Question {record_id}?", "answer": f"Answer {record_id}.",
+                       "gold_doc": f"docs/{record_id}.md", **fields})
+
+
+# -- Q/A records ------------------------------------------------------------------------------
+def test_bad_qa_lines_are_all_reported_with_file_and_line(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "qa.jsonl", [
+        qa("a"),
+        '{"id": "b", "question": "Broken?", ',                              # 2: malformed JSON
+        json.dumps({"id": "c", "answer": "No question."}),                 # 3: missing field
+        json.dumps({"id": "d", "question": "Empty?", "answer": "  ", "gold_doc": "x.md"}),  # 4: empty answer
+        qa("a"),                                                           # 5: duplicate id
+        json.dumps({"id": "f", "question": "Typo?", "answer": "x", "type": "factoid"}),     # 6: unknown type
+        "[1, 2]",                                                          # 7: not an object
+    ])
+    with pytest.raises(InputError) as caught:
+        load_qa(path)
+    message = str(caught.value)
+    for line, words in [(2, "not valid JSON"), (3, "'question'"), (4, "'answer' is empty"), (5, "duplicate id"),
+                        (6, "'type'"), (7, "JSON object")]:
+        assert f"{path}:{line}: " in message and words in message, (line, message)
+    assert f"{path}:1:" not in message
+
+
+def test_missing_or_empty_qa_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such Q/A file"):
+        load_qa(tmp_path / "absent.jsonl")
+    with pytest.raises(InputError, match="no Q/A records"):
+        load_qa(write_lines(tmp_path / "empty.jsonl", [""]))
+
+
+def test_pubmedqa_records_put_the_label_first() -> None:
+    lines = (PUBMEDQA / "dev.jsonl").read_text().splitlines()[:3]
+    records = [QARecord.model_validate(json.loads(line)) for line in lines]
+    for record in records:
+        assert not record.gold_by_source and not record.unanswerable
+        label = record.answer.capitalize() + ". "
+        assert record.answer_text().startswith(label) and record.answer_text().endswith(record.long_answer)
+
+
+def test_demo_records_know_unanswerable_and_followups(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "qa.jsonl", [
+        json.dumps({"id": 1, "question": "Unknown?", "answer": "", "gold_doc": None, "type": "unanswerable"}),
+        qa("2", conversation_id="c", turn=1),
+        qa("3", conversation_id="c", turn=2, type="followup"),
+    ])
+    first, opener, followup = load_qa(path)
+    assert first.id == "1" and first.unanswerable and first.where == f"{path}:1"
+    assert not opener.followup and followup.followup
+    assert sft_example(first, [])["completion"][0]["content"] == NOT_COVERED
+
+
+def test_train_and_validation_files_must_not_share_questions(tmp_path: Path) -> None:
+    train = load_qa(write_lines(tmp_path / "t.jsonl", [qa("a"), qa("b")]))
+    validation = load_qa(write_lines(tmp_path / "v.jsonl", [qa("b"), qa("c")]))
+    with pytest.raises(InputError, match=r"v.jsonl:1: id 'b' is also in the training file"):
+        check_disjoint(train, validation)
+
+
+# -- splits and RAFT assembly -------------------------------------------------------------------
+def records(count: int, **fields) -> list[QARecord]:
+    made = []
+    for i in range(count):
+        record = QARecord.model_validate(json.loads(qa(f"r{i:03d}", **fields)))
+        record.where = f"qa.jsonl:{i + 1}"
+        made.append(record)
+    return made
+
+
+def test_split_is_seeded_and_keeps_conversations_together() -> None:
+    items = records(40)
+    for i, record in enumerate(items):
+        record.conversation_id, record.turn = f"conv-{i // 2}", 1 + i % 2
+    train, validation = split_records(items, 0.25, seed=7)
+    assert (train, validation) == split_records(items, 0.25, seed=7)
+    assert split_records(items, 0.25, seed=8) != (train, validation)
+    assert len(validation) == 10 and len(train) == 30
+    assert not {r.conversation_id for r in train} & {r.conversation_id for r in validation}
+
+
+class FakePassages:
+    """The QdrantPassages interface over a made-up index: doc 'docs/rNNN.md' has one chunk."""
+
+    collection = "fake"
+
+    def gold_document(self, record: QARecord) -> str:
+        return f"doc:{record.gold_doc}"
+
+    def embed(self, questions):
+        return [[float(len(q))] for q in questions]
+
+    def best_in_document(self, vector, doc_id, page):
+        return Passage(doc_id, ContextChunk(f"gold text of {doc_id}", f"Title {doc_id}", doc_id))
+
+    def top_outside(self, vector, exclude_doc_id, limit):
+        return [Passage(f"other{i}", ContextChunk(f"distractor {i}", f"Other {i}", f"other{i}.md"))
+                for i in range(limit)]
+
+
+def test_raft_shares_citations_and_prompts_follow_the_config() -> None:
+    answerable = records(40)
+    unanswerable = records(5, type="unanswerable")
+    for i, record in enumerate(unanswerable):
+        record.id = f"u{i}"
+    items = answerable + unanswerable
+    options = PrepareOptions(no_gold_share=0.25, seed=3)
+    examples = build_raft_examples(items, items, FakePassages(), options, "train", distractors=3)
+
+    cases = Counter(e["case"] for e in examples)
+    assert cases == {"gold": 30, "no_gold": 10, "unanswerable": 5}  # exactly round(0.25 * 40) lose the gold
+    for example, record in zip(examples, items):
+        user = example["prompt"][-1]["content"]
+        assert example["prompt"][0]["content"] == SYSTEM_WITH_DOCUMENTS
+        assert user.count("<document n=") == 4  # k + 1 chunks whether or not the gold one is there
+        target = example["completion"][0]["content"]
+        if example["case"] == "gold":
+            n = example["gold"]
+            assert target == f"{record.answer} [{n}]"
+            assert example["sources"][n - 1] == f"doc:{record.gold_doc}"
+            assert f'<document n="{n}" title="Title doc:{record.gold_doc}">\ngold text' in user
+        else:
+            assert target == NOT_COVERED and example["gold"] is None
+            assert f"doc:{record.gold_doc}" not in example["sources"]
+    positions = Counter(e["gold"] for e in examples if e["gold"])
+    assert set(positions) == {1, 2, 3, 4}  # shuffled, not always first
+
+    again = build_raft_examples(items, items, FakePassages(), options, "train", distractors=3)
+    assert again == examples
+    assert choose_no_gold(items, 0.25, 4, "train") != choose_no_gold(items, 0.25, 3, "train")
+
+
+def test_followups_carry_history_and_search_with_the_previous_question() -> None:
+    opener, followup = records(2)
+    opener.conversation_id = followup.conversation_id = "c1"
+    opener.turn, followup.turn, followup.type = 1, 2, "followup"
+    examples = build_raft_examples([followup], [opener, followup], FakePassages(), PrepareOptions(), "train", 2)
+    prompt = examples[0]["prompt"]
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+    assert prompt[1]["content"] == opener.question and prompt[2]["content"] == opener.answer
+    assert retrieval_query(followup, [(opener.question, opener.answer)]) == f"{opener.question} {followup.question}"
+    sft = sft_example(followup, [(opener.question, opener.answer)])
+    assert sft["prompt"] == build_messages(followup.question, None, [(opener.question, opener.answer)])
+    assert sft["prompt"][0]["content"] == SYSTEM_WITHOUT_DOCUMENTS
+
+
+def test_context_chunk_reads_payloads_like_the_chat_chain() -> None:
+    payload = {"page_content": "Text.", "metadata": {"title": "Renal handbook", "source": "data/demo/h.pdf",
+                                                     "page": 2, "section": ""}}
+    assert context_chunk(payload) == ContextChunk("Text.", "Renal handbook", "data/demo/h.pdf", 2, None)
+
+
+# -- training config and data -------------------------------------------------------------------
+def test_demo_config_is_valid_and_within_the_demo_limits() -> None:
+    config = load_train_config(REPO / "finetune" / "configs" / "demo.yaml")
+    assert config.name == "demo" and config.lora.rank <= 16
+    # rank x (in + out) per adapted projection, 30 layers, fp32: the adapter stays under 20 MB.
+    shapes = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+              "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+    parameters = 30 * sum(config.lora.rank * sum(shapes[m]) for m in config.lora.target_modules)
+    assert parameters * 4 / 2**20 < 20
+
+
+def test_set_overrides_go_to_the_config_or_the_settings(tmp_path: Path) -> None:
+    from core.settings import parse_overrides
+
+    config_part, settings_part = split_overrides(parse_overrides(
+        ["lora.rank=4", "epochs=1", "data_dir=/tmp/run", "llm.max_new_tokens=32"]))
+    assert config_part == {"lora": {"rank": 4}, "epochs": 1}
+    assert settings_part == {"data_dir": "/tmp/run", "llm": {"max_new_tokens": 32}}
+    with pytest.raises(SettingsError, match="lora_rank"):
+        split_overrides(parse_overrides(["lora_rank=4"]))
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("name: t\ntrain_files: a.jsonl\nvalidation_files: [b.jsonl]\nlora: {rank: 8}\n")
+    config = load_train_config(yaml_file, config_part)
+    assert config.lora.rank == 4 and config.lora.alpha == 16 and config.epochs == 1
+    assert config.train_files == [Path("a.jsonl")]
+    yaml_file.write_text("name: t\ntrain_files: a.jsonl\nvalidation_files: b.jsonl\nlora: {rnak: 8}\n")
+    with pytest.raises(SettingsError) as caught:
+        load_train_config(yaml_file)
+    assert str(yaml_file) in str(caught.value) and "lora.rnak" in str(caught.value)
+    yaml_file.write_text("name: t\ntrain_files: a.jsonl\nvalidation_files: a.jsonl\n")
+    with pytest.raises(SettingsError, match="both a training and a validation file"):
+        load_train_config(yaml_file)
+
+
+def test_prepared_files_are_checked_line_by_line(tmp_path: Path) -> None:
+    good = {"prompt": build_messages("Q?", None), "completion": [{"role": "assistant", "content": "A."}]}
+    path = write_lines(tmp_path / "train.jsonl", [
+        json.dumps(good),
+        json.dumps({**good, "completion": [{"role": "assistant", "content": ""}]}),
+        json.dumps({"prompt": good["prompt"]}),
+        json.dumps({**good, "prompt": good["prompt"][:1]}),
+    ])
+    with pytest.raises(InputError) as caught:
+        read_examples(path)
+    message = str(caught.value)
+    assert f"{path}:2: empty assistant message" in message
+    assert f"{path}:3: expected" in message
+    assert f"{path}:4: the prompt must end with a user message" in message
+    write_lines(path, [json.dumps(good), '{"prompt": ['])
+    with pytest.raises(InputError, match=rf"{path}:2: not valid JSON"):
+        read_examples(path)
+
+
+# -- output folders -----------------------------------------------------------------------------
+def test_outputs_appear_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_dir(target) as staging:
+            (staging / "half.jsonl").write_text("{}\n")
+            raise RuntimeError("bad record")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+    with staged_dir(target) as staging:
+        (staging / "v1").write_text("1")
+    with pytest.raises(OutputExistsError, match="--force"):
+        with staged_dir(target):
+            pass
+    with staged_dir(target, force=True) as staging:
+        (staging / "v2").write_text("2")
+    assert [p.name for p in target.iterdir()] == ["v2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- abbreviations ------------------------------------------------------------------------------
+def test_demo_glossaries_give_both_phrasings() -> None:
+    table = load_glossaries([DEMO / "glossary"])
+    assert table["MI"] == "myocardial infarction" and table["BID"] == "twice daily"
+    assert table["BP"] == "blood pressure" and table["ACS"] == "acute coronary syndrome"
+    swapper = AbbreviationSwapper(table)
+    assert swapper.variants("Aspirin after an MI?") == ["Aspirin after an myocardial infarction?"]
+    assert swapper.variants("Door-to-balloon time in ST-elevation myocardial infarction?") == [
+        "Door-to-balloon time in STEMI?"]
+    assert swapper.variants("Minimum dose?") == []  # no "MI" inside words
+
+
+def test_glossary_parsing_and_fallback(tmp_path: Path) -> None:
+    assert clean_expansion("as required (pro re nata)") == "as required"
+    assert clean_expansion("blood pressure, recorded as systolic/diastolic.") == "blood pressure"
+    assert clean_expansion("airway, breathing, circulation: the assessment") == "airway, breathing, circulation"
+    bad = write_lines(tmp_path / "g.csv", ["abbr,meaning", "MI,myocardial infarction"])
+    with pytest.raises(InputError, match="abbreviation,expansion"):
+        load_glossaries([bad])
+    with pytest.raises(InputError, match="no such glossary"):
+        load_glossaries([tmp_path / "absent"])
+    assert AbbreviationSwapper(BUILTIN).expand("HTN and T2DM") == "hypertension and type 2 diabetes"
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_help_shows_copy_paste_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = make_parser()
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("python -m finetune prepare --qa", "python -m finetune train --config finetune/configs/demo.yaml",
+                    "python -m finetune merge demo", "python -m finetune embeddings --qa"):
+        assert command in text
+    for sub in ("prepare", "train", "merge", "embeddings"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([sub, "--help"])
+        assert "Examples:" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune.cli import main
+
+    bad = write_lines(tmp_path / "qa.jsonl", ['{"id": 1, "question": "x"'])
+    code = main(["prepare", "--qa", str(bad), "--out", str(tmp_path / "out"), "--set", f"data_dir={tmp_path}"])
+    assert code == 2 and f"{bad}:1: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
