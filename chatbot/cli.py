@@ -6,6 +6,7 @@ Examples:
   python -m chatbot ask "What is the effect of Cardivexin on a patient with HTN and T2DM?" --mode rag
   python -m chatbot ask "And what if eGFR is below 45?" --conversation 3f2a... --mode rag
   python -m chatbot ask "What does STEMI mean?" --json     # answer, sources and timings as JSON
+  python -m chatbot ask "What is HTN?" --mode hybrid --set llm.adapter=demo
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def make_parser() -> argparse.ArgumentParser:
     ask.add_argument("--mode", choices=["hybrid", "rag", "finetuned", "base"], default="rag")
     ask.add_argument("--conversation", help="continue this conversation id (printed after each answer)")
     ask.add_argument("--json", action="store_true", help="print the answer, sources and timings as JSON")
+    # Also accepted after the question, where people type it.
+    ask.add_argument("--set", dest="ask_overrides", action="append", metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set llm.adapter=demo")
     return parser
 
 
@@ -59,7 +63,7 @@ def ensure_indexed(runtime, settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_overrides((args.overrides or []) + (getattr(args, "ask_overrides", None) or []))
     for key in ("host", "port"):
         if getattr(args, key) is not None:
             overrides.setdefault("server", {})[key] = getattr(args, key)
