@@ -1,17 +1,17 @@
 """python -m finetune: training data, LoRA adapters and embedders for ragtune.
 
 Examples:
-  # the demo adapter, from scratch (index, data, ~25 min of CPU training, a merged export)
+  # the demo adapter, from scratch (index, data, 17-32 min of CPU training, a merged export)
   python -m ingest data/demo
-  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out data/finetune/demo
+  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --out data/finetune/demo
   python -m finetune train --config finetune/configs/demo.yaml          # -> data/adapters/demo/
   python -m finetune train --config finetune/configs/demo.yaml --resume # after a crash or Ctrl-C
-  python -m finetune train --config finetune/configs/demo.yaml --set lora.rank=8 --set epochs=1 --force
+  python -m finetune train --config finetune/configs/demo.yaml --set lora.rank=4 --set name=demo-r4
   python -m finetune merge demo                                         # -> data/merged/demo/
 
-  # PubMedQA: its own collection, a random validation split, an adapter outside the repository
-  python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa
-  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out /tmp/pubmedqa-run/finetune/pubmedqa
+  # PubMedQA: its own collection, a random validation split, everything outside the repository
+  python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa --set data_dir=/tmp/pubmedqa-run
+  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
   python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
 
   # an embedder that knows "MI" means "myocardial infarction"
@@ -58,7 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
         "prepare", help="Q/A JSONL + the index -> SFT and RAFT chat-format training files",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-        "  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out data/finetune/demo\n"
+        "  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --out data/finetune/demo\n"
         "  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out data/finetune/pubmedqa\n"
         "  python -m finetune prepare --qa my-qa.jsonl --out data/finetune/mine --distractors 2 --no-gold-share 0.3 --kinds raft",
     )

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,7 @@ from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
 from finetune.data import QdrantPassages, conversation_history, retrieval_query, split_records
 from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
 from finetune.qa import QARecord, check_disjoint, load_qa
+from finetune.threads import training_threads
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -55,6 +56,7 @@ class EmbeddingOptions(BaseModel):
     val_share: float = Field(0.2, gt=0, le=0.5)
     seed: int = 0
     k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+    threads: int | Literal["auto"] = "auto"  # see finetune.threads
 
 
 @dataclass
@@ -230,6 +232,9 @@ def train_embedder(
     if len(pairs) < 2:
         raise InputError(f"{qa_path}: {len(pairs)} (question, gold chunk) pair(s); at least 2 are needed")
 
+    import torch
+
+    torch.set_num_threads(training_threads(options.threads))
     source = resolve(settings.embedding.model, packaged_embedder_source)
     model = SentenceTransformer(source.location, device=settings.embedding.device,
                                 local_files_only=source.local)
@@ -275,6 +280,7 @@ def train_embedder(
         "train_wall_s": round(train_seconds, 1),
         "total_wall_s": round(time.perf_counter() - started, 1),
         "options": options.model_dump(),
+        "threads": torch.get_num_threads(),
         "inputs": {"qa": {"path": str(qa_path), "sha256": sha256_file(Path(qa_path))},
                    **({"val_qa": {"path": str(val_qa_path), "sha256": sha256_file(Path(val_qa_path))}}
                       if val_qa_path else {})},

@@ -22,7 +22,7 @@ from finetune.models import load_plain_chat_model
 
 log = logging.getLogger(__name__)
 
-# fp32 merge of a rank-r update: differences come from summation order only (~1e-5 here).
+# fp32 merge of a rank-r update: differences come from summation order only (2.5e-4 for the demo).
 MAX_LOGIT_DIFF = 1e-3
 _PROBE = [
     {"role": "system", "content": "You are a careful assistant for a hospital team."},

@@ -40,6 +40,7 @@ from finetune.files import (
     InputError, iter_jsonl, raise_problems, refuse_existing, sha256_file, staged_dir, write_json,
 )
 from finetune.models import load_chat_tokenizer, load_plain_chat_model
+from finetune.threads import training_threads
 from finetune.tokens import chat_token_count
 
 if TYPE_CHECKING:
@@ -152,22 +153,6 @@ def checkpoint_to_resume(folder: Path, run: dict[str, Any], resume: bool, force:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def training_threads(configured: int | str) -> int:
-    """Threads for torch. 'auto' uses every core only when the CPU is otherwise idle.
-
-    Measured on the 2-core machine with another job running: one LoRA step over 2 x 880 tokens
-    took 80 s with 2 threads and 25-32 s with 1, because each parallel region waits for a thread
-    that shares its core with the other job. On an idle CPU 2 threads are ~1.9x faster than 1.
-    """
-    import os
-
-    cores = os.cpu_count() or 1
-    if configured != "auto":
-        return int(configured)
-    busy = os.getloadavg()[0]  # runnable processes, averaged over the last minute
-    return max(1, cores - round(busy))
-
-
 @dataclass
 class TrainResult:
     adapter_dir: Path
