@@ -67,6 +67,7 @@ CHART_METRICS: tuple[tuple[str, str], ...] = (
     ("ROUGE-L", "rouge_l"),
     ("cites gold", "cites_gold"),
     ("declines unanswerable", "declined_unanswerable"),
+    ("declines answerable", "declined_answerable"),  # beside it: refusing everything is no skill
 )
 
 
@@ -164,7 +165,7 @@ def write_chart(summary: Mapping[str, Mapping[str, Any]], path: Path, title: str
     cost.bar(modes, seconds, color=[f"C{i}" for i in range(len(modes))])
     cost.set_ylabel("seconds per question (mean)")
     cost.set_title("cost", fontsize=10)
-    cost.tick_params(axis="x", labelsize=8)
+    cost.tick_params(axis="x", labelsize=8, labelrotation=30)
     figure.savefig(path, dpi=110)
     return path
 

@@ -122,12 +122,12 @@ class Evaluator:
             "chat_conversation_id": answer.conversation_id,
         }
         if question.label:
-            record["label_logprobs"] = self._label_logprobs(mode, question, answer, adapted=mode in ADAPTED_MODES,
-                                                            retrieving=mode in RETRIEVING_MODES)
+            record["label_logprobs"] = self._label_logprobs(
+                question, answer, adapted=mode in ADAPTED_MODES, retrieving=mode in RETRIEVING_MODES)
         record["scores"] = score_record(record)
         return record
 
-    def _label_logprobs(self, mode: str, question: EvalQuestion, answer: Any, *, adapted: bool,
+    def _label_logprobs(self, question: EvalQuestion, answer: Any, *, adapted: bool,
                         retrieving: bool) -> dict[str, float] | None:
         chat_model = self.chain.models.raw(adapted)
         if chat_model.model is None:  # a served model (llm.mode=openai): no logits here
