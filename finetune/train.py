@@ -12,7 +12,7 @@ A run, top to bottom:
 3. Train: PEFT LoRA through SFTTrainer on the conversational prompt-completion format, whose
    loss covers the completion (the assistant's answer and its <|im_end|>) only. SmolLM2's chat
    template has no {% generation %} markers, so ``assistant_only_loss`` is not an option.
-   fp32 on the CPU: no bf16 (TRL's default would turn it on), no gradient checkpointing (135M
+   fp32 on the CPU (or a GPU when torch sees one, ``device: auto``): no bf16 (TRL's default would turn it on), no gradient checkpointing (135M
    parameters fit; recomputing activations would cost ~20% of the time for nothing).
 4. Evaluate the validation loss of the adapter and of the base model (the same model with the
    adapter switched off, so both numbers come from the same code path).
@@ -207,6 +207,7 @@ def train(
            "data": fingerprint}
     last_checkpoint = checkpoint_to_resume(checkpoints, run, resume, force)
 
+    on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     threads = training_threads(config.threads)  # read the load before this process adds to it
     chat = load_plain_chat_model(settings)  # training starts from the base, whatever llm.adapter says
     torch.set_num_threads(threads)  # after loading: core.llm applies llm.threads
@@ -216,7 +217,7 @@ def train(
     )
     args = SFTConfig(
         output_dir=str(checkpoints),
-        use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+        use_cpu=not on_gpu, bf16=False, fp16=False, activation_checkpointing=False,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
@@ -282,6 +283,7 @@ def train(
         "train_wall_s": round(meter.seconds, 1),
         "eval_in_training_s": round(eval_seconds, 1),
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
     }
 
     with staged_dir(adapter_dir, force) as staging:
