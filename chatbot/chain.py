@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from core.prompts import NOT_COVERED, ContextChunk, build_messages, cited_numbers, condense_messages
+from core.prompts import (
+    NOT_COVERED, ContextChunk, build_messages, cited_numbers, concat_followup, condense_messages,
+)
 from core.settings import Settings
 from chatbot.citations import attribute
 from chatbot.memory import ChatMemory
@@ -109,12 +111,8 @@ class Retriever:
         for document, score in found:
             if threshold is not None and score < threshold:
                 continue
-            meta = document.metadata
-            sources.append(Source(
-                n=len(sources) + 1, title=meta.get("title", ""), source=meta.get("source", ""),
-                text=document.page_content, score=round(float(score), 4),
-                page=meta.get("page"), section=meta.get("section") or None,
-            ))
+            chunk = ContextChunk.from_metadata(document.page_content, document.metadata)
+            sources.append(Source(n=len(sources) + 1, score=round(float(score), 4), **asdict(chunk)))
         return sources
 
 
@@ -311,14 +309,12 @@ class ConversationalRagChain:
         if not history or self.settings.chat.condense == "off":
             return question
         if self.settings.chat.condense == "concat":
-            # A 135M model rewrites questions unreliably; the previous question carries the
-            # topic ("Cardivexin ...") that a follow-up ("and in T2DM?") leaves out.
-            return f"{history[-1][0]} {question}"
+            return concat_followup(question, history)
         model = self.models.chat(adapted=False, max_new_tokens=64)
         with self._generation_slots:
             rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
-        return rewritten or f"{history[-1][0]} {question}"
+        return rewritten or concat_followup(question, history)
 
     def _fit(
         self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]],

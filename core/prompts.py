@@ -8,8 +8,9 @@ to cite them as [1], [2], and to say plainly when they do not cover the question
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 NOT_COVERED = "The documents do not cover this."
 
@@ -43,6 +44,18 @@ class ContextChunk:
     source: str
     page: int | None = None
     section: str | None = None
+
+    @classmethod
+    def from_metadata(cls, text: str, metadata: Mapping[str, Any]) -> "ContextChunk":
+        """A stored chunk (its text and ingest's metadata) as the prompt shows it; the chat's
+        retriever and fine-tuning's data both build chunks here, so a chunk reads the same in both."""
+        return cls(
+            text=text,
+            title=metadata.get("title", ""),
+            source=metadata.get("source", ""),
+            page=metadata.get("page"),
+            section=metadata.get("section") or None,
+        )
 
     def label(self) -> str:
         where = f", page {self.page}" if self.page else (f", {self.section}" if self.section else "")
@@ -88,6 +101,13 @@ def build_messages(
         messages.append({"role": "assistant", "content": answered})
     messages.append({"role": "user", "content": user_turn(question, chunks)})
     return messages
+
+
+def concat_followup(question: str, history: Sequence[tuple[str, str]]) -> str:
+    """The retrieval query of ``chat.condense: concat``: a follow-up gets the previous question in
+    front. A 135M model rewrites questions unreliably; the previous question carries the topic
+    ("Cardivexin ...") that a follow-up ("and in T2DM?") leaves out."""
+    return f"{history[-1][0]} {question}" if history else question
 
 
 def condense_messages(question: str, history: Sequence[tuple[str, str]]) -> list[dict[str, str]]:

@@ -258,29 +258,39 @@ def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | No
     if path is not None and not file.is_file():
         raise SettingsError(f"settings file {file} does not exist")
     if file.is_file():
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"{file}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise SettingsError(f"{file}: the top level must be a mapping of settings")
-        data = loaded
+        data = read_yaml_mapping(file, "settings")
     env = EnvSettingsSource(Settings, env_prefix=ENV_PREFIX, env_nested_delimiter="__")()
-    merged = _deep_merge(_deep_merge(data, env), overrides or {})
+    merged = deep_merge(deep_merge(data, env), overrides or {})
     try:
         return Settings(**merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise SettingsError(f"invalid settings (file {file}, env {ENV_PREFIX}*): {problems}") from exc
+        raise SettingsError(
+            f"invalid settings (file {file}, env {ENV_PREFIX}*): {validation_problems(exc)}"
+        ) from exc
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; errors name the file (settings, training configs)."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise SettingsError(f"{path}: the top level must be a mapping of {what}")
+    return loaded
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """pydantic's errors as 'field.path: message; ...', the field named as in the YAML."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, nested mappings merged key by key."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.jsonl import json_lines
 from evals.metrics import closed_label
 
 QUESTION_TYPES = ("factual", "abbreviation", "followup", "unanswerable")
@@ -142,14 +143,12 @@ def load_questions(path: Path) -> QuestionSet:
     seen_turns: dict[tuple[str, int], int] = {}
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for line in json_lines(text):
+        number = line.number
         try:
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MalformedRecord(f"not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if line.record is None:
+                raise MalformedRecord(line.problem or "not a JSON object")
+            value = line.record
             question = parse_record(value, number)
             if question.id in seen_ids:
                 raise MalformedRecord(f"duplicate id {question.id!r} (first on line {seen_ids[question.id]})")

@@ -15,10 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.settings import Settings, SettingsError
+from core.settings import Settings, SettingsError, deep_merge, read_yaml_mapping, validation_problems
 
 
 DATA_DIR_MARK = "${data_dir}"
@@ -110,26 +109,15 @@ def split_overrides(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return config, settings
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_train_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML file < ``--set`` overrides; errors name the file and the field."""
     path = Path(path)
     if not path.is_file():
         raise SettingsError(f"training config {path} does not exist")
+    data = read_yaml_mapping(path, "training options")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: the top level must be a mapping of training options")
-    try:
-        return TrainConfig(**_merge(data, overrides or {}))
+        return TrainConfig(**deep_merge(data, overrides or {}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise SettingsError(f"invalid training config {path} (with --set overrides): {problems}") from exc
+        raise SettingsError(
+            f"invalid training config {path} (with --set overrides): {validation_problems(exc)}"
+        ) from exc

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.embeddings import Embedder
-from core.prompts import NOT_COVERED, ContextChunk, build_messages
+from core.prompts import NOT_COVERED, ContextChunk, build_messages, concat_followup
 from core.settings import Settings
 from core.store import CONTENT_KEY, METADATA_KEY, Collection
 from finetune.files import (
@@ -85,19 +85,6 @@ class Passage:
 
     doc_id: str
     chunk: ContextChunk
-
-
-def context_chunk(payload: dict[str, Any]) -> ContextChunk:
-    """A stored point's payload -> the ContextChunk the prompt numbers (title, page, section)."""
-    # Field for field what chatbot.chain.Retriever builds, so a chunk reads the same in both.
-    meta = payload.get(METADATA_KEY) or {}
-    return ContextChunk(
-        text=str(payload.get(CONTENT_KEY, "")),
-        title=meta.get("title", ""),
-        source=meta.get("source", ""),
-        page=meta.get("page"),
-        section=meta.get("section") or None,
-    )
 
 
 # -- finding gold documents and retrieving chunks --------------------------------------------
@@ -185,7 +172,8 @@ class QdrantPassages:
             self.collection, query=vector, query_filter=query_filter, limit=limit, with_payload=True
         )
         return [
-            Passage(doc_id=str(p.payload[METADATA_KEY]["doc_id"]), chunk=context_chunk(p.payload))
+            Passage(doc_id=str(p.payload[METADATA_KEY]["doc_id"]), chunk=ContextChunk.from_metadata(
+                str(p.payload.get(CONTENT_KEY, "")), p.payload.get(METADATA_KEY) or {}))
             for p in response.points
         ]
 
@@ -229,9 +217,8 @@ def conversation_history(record: QARecord, everything: list[QARecord]) -> list[t
 
 
 def retrieval_query(record: QARecord, history: list[tuple[str, str]]) -> str:
-    """What the chat chain searches with (chat.condense='concat'): a follow-up gets the
-    previous question in front, which carries the topic the follow-up leaves out."""
-    return f"{history[-1][0]} {record.question}" if history else record.question
+    """What the chat chain searches with (chat.condense='concat')."""
+    return concat_followup(record.question, history)
 
 
 def target_without_documents(record: QARecord) -> str:

@@ -15,12 +15,12 @@ finds it by ``metadata.record_id == id`` (how ingest stores JSONL record ids).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.jsonl import json_lines
 from finetune.files import InputError, raise_problems
 
 RecordType = Literal["factual", "abbreviation", "followup", "unanswerable"]
@@ -90,17 +90,11 @@ def load_qa(path: Path) -> list[QARecord]:
     records: list[QARecord] = []
     problems: list[str] = []
     first_line_of: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line in json_lines(text):
+        number, raw = line.number, line.record
         where = f"{path}:{number}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: a record must be a JSON object, not {type(raw).__name__}")
+        if raw is None:
+            problems.append(f"{where}: {line.problem}")
             continue
         raw.pop("where", None)
         try:

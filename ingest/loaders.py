@@ -24,6 +24,7 @@ from typing import Any
 
 from langchain_core.documents import Document
 
+from core.jsonl import json_lines
 from core.settings import IngestSettings
 
 _MD_HEADERS = [("#", "h1"), ("##", "h2"), ("###", "h3")]
@@ -287,17 +288,11 @@ def _load_jsonl(
     text = _decode_text(raw)
     text_field, id_field, title_field = settings.jsonl_text_field, settings.jsonl_id_field, settings.jsonl_title_field
     seen_ids: set[str] = set()
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line in json_lines(text):
+        number, record = line.number, line.record
         where = f"{shown}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield LoadFailure(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(record, dict):
-            yield LoadFailure(where, "a JSONL record must be a JSON object")
+        if record is None:
+            yield LoadFailure(where, line.problem or "not a JSON object")
             continue
         body = record.get(text_field)
         if isinstance(body, list):

@@ -14,7 +14,7 @@ from finetune.abbreviations import BUILTIN, AbbreviationSwapper, clean_expansion
 from finetune.cli import make_parser
 from finetune.config import load_train_config, split_overrides
 from finetune.data import (
-    Passage, PrepareOptions, build_raft_examples, choose_no_gold, context_chunk, retrieval_query, sft_example,
+    Passage, PrepareOptions, build_raft_examples, choose_no_gold, retrieval_query, sft_example,
     split_records,
 )
 from finetune.files import InputError, OutputExistsError, staged_dir
@@ -174,10 +174,15 @@ def test_followups_carry_history_and_search_with_the_previous_question() -> None
     assert sft["prompt"][0]["content"] == SYSTEM_WITHOUT_DOCUMENTS
 
 
-def test_context_chunk_reads_payloads_like_the_chat_chain() -> None:
-    payload = {"page_content": "Text.", "metadata": {"title": "Renal handbook", "source": "data/demo/h.pdf",
-                                                     "page": 2, "section": ""}}
-    assert context_chunk(payload) == ContextChunk("Text.", "Renal handbook", "data/demo/h.pdf", 2, None)
+def test_a_stored_chunk_reads_the_same_in_training_data_and_in_the_chat() -> None:
+    from chatbot.chain import Source
+
+    metadata = {"title": "Renal handbook", "source": "data/demo/h.pdf", "page": 2, "section": "", "doc_id": "d"}
+    chunk = ContextChunk.from_metadata("Text.", metadata)
+    assert chunk == ContextChunk("Text.", "Renal handbook", "data/demo/h.pdf", 2, None)  # "" section: none
+    assert chunk.label() == "Renal handbook, page 2"
+    shown = Source(n=1, score=0.5, **{k: getattr(chunk, k) for k in ("text", "title", "source", "page", "section")})
+    assert (shown.title, shown.page, shown.section) == ("Renal handbook", 2, None)
 
 
 # -- training config and data -------------------------------------------------------------------
