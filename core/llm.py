@@ -110,6 +110,8 @@ def load_chat_model(settings: Settings, with_adapter: bool = True, tokenizer_onl
     source = resolve(settings.llm.model, lambda: packaged_llm_source(settings.models_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, local_files_only=source.local)
+        if tokenizer.chat_template is None:
+            raise ModelUnavailableError(f"chat model {source.name} has no chat template; use an instruct model")
         if tokenizer_only:
             return ChatModel(model=None, tokenizer=tokenizer, base_name=source.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -119,13 +121,33 @@ def load_chat_model(settings: Settings, with_adapter: bool = True, tokenizer_onl
         if source.local:
             raise ModelUnavailableError(f"chat model {source.location} could not be loaded: {exc}") from exc
         raise hub_failure(source, exc) from exc
-    if tokenizer.chat_template is None:
-        raise ModelUnavailableError(f"chat model {source.name} has no chat template; use an instruct model")
+    _forget_stale_gguf_quantization(model)
     adapter = resolve_adapter(settings) if with_adapter else None
     if adapter is not None:
         model = attach_adapter(model, adapter, source.name)
     model.eval()
     return ChatModel(model=model, tokenizer=tokenizer, base_name=source.name, adapter_path=adapter)
+
+
+def _forget_stale_gguf_quantization(model: "PreTrainedModel") -> None:
+    """Forget a GGUF ``quantization_config`` that no longer describes the weights.
+
+    Folders converted before ``convert_packaged_model`` dropped it still say "quant_method: gguf"
+    in config.json; transformers then flags the fp32 model as quantized, Trainer refuses to train
+    it and a merged export would carry the flag on. The layers are ordinary fp32 nn.Linear, so
+    removing the marks (with transformers' own helper) is all it takes.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or str(quantizer.quantization_config.quant_method.value) != "gguf":
+        return
+    if any(not p.dtype.is_floating_point for p in model.parameters()):
+        return  # really quantized weights: leave them to the errors of whoever uses them
+    quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_is_quantized", False):
+            config._is_quantized = False
+    log.debug("dropped the stale GGUF quantization_config of %s", model.name_or_path)
 
 
 def attach_adapter(model: "PreTrainedModel", adapter: Path, base_name: str) -> "PreTrainedModel":

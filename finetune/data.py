@@ -350,9 +350,9 @@ def prepare(
             raise InputError(f"the {name} split is empty (after --followups {options.followups})")
 
     if tokenizer is None:
-        from finetune.models import load_chat_tokenizer
+        from core.llm import load_chat_model
 
-        tokenizer = load_chat_tokenizer(settings)
+        tokenizer = load_chat_model(settings, tokenizer_only=True).tokenizer
     examples: dict[str, dict[str, list[dict[str, Any]]]] = {}
     if "sft" in options.kinds:
         examples["sft"] = {

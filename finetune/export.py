@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.hub import ModelUnavailableError
-from core.llm import resolve_adapter
+from core.llm import load_chat_model, resolve_adapter
 from core.settings import Settings
 from finetune.files import refuse_existing, staged_dir
-from finetune.models import load_plain_chat_model
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def merge_adapter(settings: Settings, adapter: str, out: Path | None = None, for
     refuse_existing(target, force)
 
     # Refuses an adapter trained on another base model (core.llm.attach_adapter).
-    chat = load_plain_chat_model(adapter_settings, with_adapter=True)
+    chat = load_chat_model(adapter_settings, with_adapter=True)
     tokenizer = chat.tokenizer
     probe = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():

@@ -39,7 +39,6 @@ from finetune.config import TrainConfig
 from finetune.files import (
     InputError, iter_jsonl, raise_problems, refuse_existing, sha256_file, staged_dir, write_json,
 )
-from finetune.models import load_chat_tokenizer, load_plain_chat_model
 from finetune.threads import training_threads
 from finetune.tokens import chat_token_count
 
@@ -197,7 +196,7 @@ def train(
     adapter_dir = settings.adapters_dir / config.name
     refuse_existing(adapter_dir, force)
     train_rows, val_rows = read_all(config.train_files), read_all(config.validation_files)
-    tokenizer = load_chat_tokenizer(settings)
+    tokenizer = load_chat_model(settings, tokenizer_only=True).tokenizer  # no weights to count tokens
     train_lengths = check_lengths(tokenizer, train_rows, config.max_length)
     check_lengths(tokenizer, val_rows, config.max_length)
     fingerprint = data_fingerprint(config)
@@ -209,7 +208,7 @@ def train(
 
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     threads = training_threads(config.threads)  # read the load before this process adds to it
-    chat = load_plain_chat_model(settings)  # training starts from the base, whatever llm.adapter says
+    chat = load_chat_model(settings, with_adapter=False)  # training starts from the base, whatever llm.adapter says
     torch.set_num_threads(threads)  # after loading: core.llm applies llm.threads
     lora = LoraConfig(
         r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
