@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from core.prompts import (
     NOT_COVERED, ContextChunk, build_messages, cited_numbers, concat_followup, condense_messages,
+    drop_unknown_citations,
 )
 from core.settings import Settings
 from chatbot.citations import attribute
@@ -296,6 +297,7 @@ class ConversationalRagChain:
         decode_seconds = time.perf_counter() - started - answer.timings.get("ttft_s", 0.0)
         answer.timings["tokens"] = generated
         answer.timings["tokens_per_s"] = round(generated / decode_seconds, 2) if decode_seconds > 0 else 0.0
+        generated_text = drop_unknown_citations(generated_text, len(answer.sources))
         answer.text = generated_text
         answer.cited = cited_numbers(generated_text, len(answer.sources))
         if not answer.cited and answer.sources and self.settings.chat.attribute_citations:

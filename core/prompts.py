@@ -118,6 +118,15 @@ def condense_messages(question: str, history: Sequence[tuple[str, str]]) -> list
     ]
 
 
+def drop_unknown_citations(answer: str, available: int) -> str:
+    """Remove [n] markers that point at no given chunk ("Yes. [6]" with 4 chunks, or any [n]
+    when none was given): a citation a reader cannot follow must not be shown."""
+    def keep(match: re.Match[str]) -> str:
+        return match.group(0) if 1 <= int(match.group(1)) <= available else ""
+
+    return re.sub(r"[ \t]+([.,;:!?]|$)", r"\1", _CITATION.sub(keep, answer), flags=re.MULTILINE).strip()
+
+
 def cited_numbers(answer: str, available: int) -> list[int]:
     """The [n] an answer cites, in order of first appearance, limited to what was given."""
     seen: list[int] = []

@@ -2,7 +2,7 @@
 
 from chatbot.render import safe_markdown, sources_markdown
 from chatbot.citations import attribute
-from core.prompts import ContextChunk, build_messages, cited_numbers, user_turn
+from core.prompts import ContextChunk, build_messages, cited_numbers, drop_unknown_citations, user_turn
 
 
 def test_html_and_images_are_made_inert() -> None:
@@ -25,6 +25,14 @@ def test_documents_cannot_escape_their_fence() -> None:
 
 def test_cited_numbers_ignore_what_was_not_retrieved() -> None:
     assert cited_numbers("See [2] and [1], again [2], and [7].", available=3) == [2, 1]
+
+
+def test_citations_to_nothing_are_removed_from_the_answer() -> None:
+    # Seen in evals: the adapter writes "Yes. [6]" with 4 chunks, and [1] with none at all.
+    assert drop_unknown_citations("Yes. [6]", available=4) == "Yes."
+    assert drop_unknown_citations("10 mg [1], then 20 mg [5].", available=2) == "10 mg [1], then 20 mg."
+    assert drop_unknown_citations("Take it with food [1].", available=0) == "Take it with food."
+    assert drop_unknown_citations("Both [1][2] agree.", available=2) == "Both [1][2] agree."
 
 
 def test_attribution_only_for_supported_sentences() -> None:
