@@ -3,7 +3,7 @@
 Examples:
   # the demo adapter, from scratch (index, data, 17-32 min of CPU training, a merged export)
   python -m ingest data/demo
-  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --out data/finetune/demo
+  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --no-gold-share 0.05 --out data/finetune/demo
   python -m finetune train --config finetune/configs/demo.yaml          # -> data/adapters/demo/
   python -m finetune train --config finetune/configs/demo.yaml --resume # after a crash or Ctrl-C
   python -m finetune train --config finetune/configs/demo.yaml --set lora.rank=4 --set name=demo-r4
@@ -58,7 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
         "prepare", help="Q/A JSONL + the index -> SFT and RAFT chat-format training files",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-        "  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --out data/finetune/demo\n"
+        "  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --no-gold-share 0.05 --out data/finetune/demo\n"
         "  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out data/finetune/pubmedqa\n"
         "  python -m finetune prepare --qa my-qa.jsonl --out data/finetune/mine --distractors 2 --no-gold-share 0.3 --kinds raft",
     )
