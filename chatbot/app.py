@@ -40,10 +40,17 @@ def identity(browser_id: str | None, request: gr.Request | None) -> str:
     return f"session:{session or uuid.uuid4().hex}"
 
 
+def opening_mode(configured: str, has_adapter: bool) -> str:
+    """The mode the page opens in: ``chat.default_mode``, where 'auto' means hybrid with an adapter."""
+    if configured == "auto":
+        return "hybrid" if has_adapter else "rag"
+    return configured
+
+
 def build_blocks(runtime: "Runtime") -> gr.Blocks:
     settings = runtime.settings
     chain, memory = runtime.chain, runtime.memory
-    default_mode = "hybrid" if chain.models.has_adapter else "rag"
+    default_mode = opening_mode(settings.chat.default_mode, chain.models.has_adapter)
 
     def conversation_choices(owner: str) -> list[tuple[str, str]]:
         return [(c.title, c.id) for c in memory.list(owner)]

@@ -115,6 +115,11 @@ class RetrievalSettings(_Section):
 
 
 class ChatSettings(_Section):
+    default_mode: Literal["auto", "hybrid", "rag", "finetuned", "base"] = Field(
+        "auto",
+        description="the mode the chat page opens in; 'auto': hybrid when an adapter is configured, "
+        "else rag. Choose by your evals (README: the demo adapter declines half of all questions)",
+    )
     condense: Literal["concat", "llm", "off"] = Field(
         "concat",
         description="how a follow-up becomes a standalone retrieval query: 'concat' prepends the "

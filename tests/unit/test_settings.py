@@ -62,3 +62,16 @@ def test_env_var_with_bad_value_names_variable_path(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("RAGTUNE_LLM__MAX_NEW_TOKENS", "-5")
     with pytest.raises(SettingsError, match="llm.max_new_tokens"):
         load_settings(tmp_path / "s.yaml")
+
+
+def test_the_page_opens_in_the_configured_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatbot.app import opening_mode
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)  # the committed settings.yaml, relative paths and all
+    committed = load_settings(repo / "settings.yaml")
+    # The evals put rag ahead of hybrid with the 135M demo adapter (README), so the page opens in rag.
+    assert opening_mode(committed.chat.default_mode, has_adapter=True) == "rag"
+    assert opening_mode("auto", has_adapter=True) == "hybrid" and opening_mode("auto", has_adapter=False) == "rag"
+    with pytest.raises(SettingsError, match="chat.default_mode"):
+        load_settings(repo / "settings.yaml", {"chat": {"default_mode": "best"}})
