@@ -11,7 +11,7 @@ Examples:
 
   # PubMedQA: its own collection, a random validation split, everything outside the repository
   python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa --set data_dir=/tmp/pubmedqa-run
-  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
+  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --no-gold-share 0 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
   python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
 
   # an embedder that knows "MI" means "myocardial infarction"
@@ -70,7 +70,8 @@ def make_parser() -> argparse.ArgumentParser:
     prep.add_argument("--distractors", type=int, metavar="K",
                       help="distractor chunks per example (default retrieval.k - 1: as many chunks as the chat gets)")
     prep.add_argument("--no-gold-share", type=float, default=0.2, metavar="P",
-                      help="share of answerable RAFT examples without the gold chunk, target NOT_COVERED (default 0.2)")
+                      help="share of answerable RAFT examples without the gold chunk, target NOT_COVERED (default 0.2; "
+                           "a small model over-learns the refusal: the demo uses 0.05, see docs/finetune.md)")
     prep.add_argument("--val-share", type=float, default=0.1, help="validation share without --val-qa (default 0.1)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffles (default 0)")
     prep.add_argument("--followups", choices=["with-history", "skip"], default="with-history",
