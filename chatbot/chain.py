@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.prompts import (
-    NOT_COVERED, ContextChunk, build_messages, cited_numbers, concat_followup, condense_messages,
-    drop_unknown_citations,
+    NOT_COVERED, ContextChunk, best_query, build_messages, cited_numbers, condense_messages,
+    drop_unknown_citations, followup_queries,
 )
 from core.settings import Settings
 from chatbot.citations import attribute
@@ -250,9 +250,8 @@ class ConversationalRagChain:
         if mode in ADAPTED_MODES and not self.models.has_adapter:
             answer.refused, answer.text = "no adapter configured", NO_ADAPTER.format(mode=mode)
         elif mode in RETRIEVING_MODES:
-            answer.query = self._standalone(text, history)
             t0 = time.perf_counter()
-            answer.sources = self.retriever.retrieve(answer.query)
+            answer.query, answer.sources = self._retrieve(text, history)
             answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not answer.sources:
                 # Nothing relevant was found: say so rather than let the model answer from nothing.
@@ -306,17 +305,27 @@ class ConversationalRagChain:
         for source in answer.sources:
             source.cited = source.n in answer.cited
 
-    def _standalone(self, question: str, history: list[tuple[str, str]]) -> str:
-        """The retrieval query for a follow-up, made understandable without the conversation."""
-        if not history or self.settings.chat.condense == "off":
-            return question
-        if self.settings.chat.condense == "concat":
-            return concat_followup(question, history)
+    def _retrieve(self, question: str, history: list[tuple[str, str]]) -> tuple[str, list[Source]]:
+        """The retrieval query for a follow-up, made understandable without the conversation, and
+        what it finds. 'concat' tries the question alone and with earlier questions in front."""
+        condense = self.settings.chat.condense
+        if not history or condense == "off":
+            return question, self.retriever.retrieve(question)
+        if condense == "concat":
+            found: dict[str, list[Source]] = {}
+
+            def top_score(query: str) -> float | None:
+                found[query] = self.retriever.retrieve(query)
+                return found[query][0].score if found[query] else None
+
+            query = best_query(followup_queries(question, history, self.settings.chat.condense_turns), top_score)
+            return query, found[query]
         model = self.models.chat(adapted=False, max_new_tokens=64)
         with self._generation_slots:
             rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
-        return rewritten or concat_followup(question, history)
+        query = rewritten or followup_queries(question, history, 1)[-1]
+        return query, self.retriever.retrieve(query)
 
     def _fit(
         self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]],

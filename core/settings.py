@@ -122,8 +122,12 @@ class ChatSettings(_Section):
     )
     condense: Literal["concat", "llm", "off"] = Field(
         "concat",
-        description="how a follow-up becomes a standalone retrieval query: 'concat' prepends the "
-        "previous question (robust with a 135M model), 'llm' asks the model to rewrite it",
+        description="how a follow-up becomes a standalone retrieval query: 'concat' searches with the "
+        "question alone and with the last condense_turns questions in front, and keeps the query whose "
+        "closest chunk scores highest (robust with a 135M model); 'llm' asks the model to rewrite it",
+    )
+    condense_turns: int = Field(
+        2, ge=1, le=5, description="'concat': how many previous questions may go in front of a follow-up"
     )
     attribute_citations: bool = Field(
         True, description="when the model cites nothing, add [n] to sentences a retrieved chunk supports"

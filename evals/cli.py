@@ -163,13 +163,14 @@ def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", 
         "collection": {"name": settings.qdrant.collection, "points": runtime.collection.count()},
         "retrieval": settings.retrieval.model_dump() | {"recall_k": max(RECALL_AT)},
         "condense": settings.chat.condense,
+        "condense_turns": settings.chat.condense_turns,
         "attribute_citations": settings.chat.attribute_citations,
     }
 
 
 # What must not change between a run and its --resume (modes, limit and selection may).
 _RESUME_KEYS = ("question_set.sha256", "seed", "llm", "adapter", "embedder", "collection.name", "retrieval",
-                "condense", "attribute_citations")
+                "condense", "condense_turns", "attribute_citations")
 
 
 def _pick(config: dict[str, Any], dotted: str) -> Any:

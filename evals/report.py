@@ -122,7 +122,9 @@ def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, 
         f"({config['collection']['points']} chunks)",
         f"- retrieval: k={retrieval['k']} for the answer, k={retrieval['recall_k']} for recall@k/MRR, "
         f"search={retrieval['search']}, score_threshold={retrieval['score_threshold']}; "
-        f"follow-ups condensed by `{config['condense']}`",
+        f"follow-ups condensed by `{config['condense']}`"
+        + (f" (up to {config['condense_turns']} earlier questions)"
+           if config["condense"] == "concat" and config.get("condense_turns") else ""),
         f"- seed {config['seed']}; modes {', '.join(config['modes'])}; run {config['started']}"
         + (f" (resumed {', '.join(config['resumed'])})" if config.get("resumed") else "")
         + (f"; --limit {config['limit']}" if config.get("limit") else ""),

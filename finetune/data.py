@@ -20,7 +20,8 @@ Gold chunk: the gold document's chunk most similar to the question (a Qdrant que
 that document, and to ``gold_page`` when the record names one). Distractors: the top chunks of
 other documents for the question. ``k`` defaults to ``retrieval.k - 1``, so an example shows as
 many chunks as the chat chain retrieves. A follow-up turn keeps its earlier turns as chat history
-and is searched with the previous question in front, as the chain does (``chat.condense=concat``). Everything random (split, shuffles, which examples lose their
+and is searched as the chain searches it (``chat.condense=concat``: the question alone or with
+earlier questions in front, whichever finds the closer chunk). Everything random (split, shuffles, which examples lose their
 gold chunk) comes from the seed and the record id, so the same inputs give the same bytes.
 
 Output (written to a staging folder, renamed into place when complete):
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.embeddings import Embedder
-from core.prompts import NOT_COVERED, ContextChunk, build_messages, concat_followup
+from core.prompts import NOT_COVERED, ContextChunk, best_query, build_messages, followup_queries
 from core.settings import Settings
 from core.store import CONTENT_KEY, METADATA_KEY, Collection
 from finetune.files import (
@@ -155,6 +156,11 @@ class QdrantPassages:
         hits = self._query(vector, models.Filter(must=must), 1)
         return hits[0] if hits else None
 
+    def top_score(self, vector: list[float]) -> float | None:
+        """The similarity of the collection's closest chunk (None when it is empty)."""
+        response = self.client.query_points(self.collection, query=vector, limit=1, with_payload=False)
+        return float(response.points[0].score) if response.points else None
+
     def top_outside(self, vector: list[float], exclude_doc_id: str | None, limit: int) -> list[Passage]:
         from qdrant_client import models
 
@@ -216,9 +222,19 @@ def conversation_history(record: QARecord, everything: list[QARecord]) -> list[t
     return [(r.question, target_without_documents(r)) for r in earlier]
 
 
-def retrieval_query(record: QARecord, history: list[tuple[str, str]]) -> str:
-    """What the chat chain searches with (chat.condense='concat')."""
-    return concat_followup(record.question, history)
+def retrieval_queries(
+    records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: QdrantPassages, turns: int,
+) -> list[str]:
+    """What the chat chain searches with for each record (chat.condense='concat', with
+    chat.condense_turns = ``turns``), chosen by the same rule: the candidate query whose closest
+    chunk scores highest."""
+    candidates = [followup_queries(r.question, h, turns) for r, h in zip(records, histories)]
+    to_score = sorted({query for queries in candidates if len(queries) > 1 for query in queries})
+    vectors = dict(zip(to_score, passages.embed(to_score))) if to_score else {}
+    return [
+        queries[0] if len(queries) == 1 else best_query(queries, lambda q: passages.top_score(vectors[q]))
+        for queries in candidates
+    ]
 
 
 def target_without_documents(record: QARecord) -> str:
@@ -278,13 +294,15 @@ def build_raft_examples(
     options: PrepareOptions,
     split: str,
     distractors: int,
+    condense_turns: int,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
+    """RAFT examples; a follow-up is searched like the chat searches it (chat.condense_turns)."""
     from tqdm import tqdm
 
     no_gold = choose_no_gold(records, options.no_gold_share, options.seed, split)
     histories = [conversation_history(r, everything) for r in records]
-    vectors = passages.embed([retrieval_query(r, h) for r, h in zip(records, histories)])
+    vectors = passages.embed(retrieval_queries(records, histories, passages, condense_turns))
     examples: list[dict[str, Any]] = []
     problems: list[str] = []
     k = distractors
@@ -373,7 +391,9 @@ def prepare(
         try:
             passages = QdrantPassages(client, settings.qdrant.collection, embedder)
             examples["raft"] = {
-                name: build_raft_examples(part, everything, passages, options, name, distractors, progress)
+                name: build_raft_examples(
+                    part, everything, passages, options, name, distractors, settings.chat.condense_turns, progress
+                )
                 for name, part in splits.items()
             }
         finally:

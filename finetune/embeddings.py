@@ -33,7 +33,7 @@ from core.hub import resolve
 from core.settings import Settings
 from core.store import CONTENT_KEY, METADATA_KEY
 from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
-from finetune.data import QdrantPassages, conversation_history, retrieval_query, split_records
+from finetune.data import QdrantPassages, conversation_history, retrieval_queries, split_records
 from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
 from finetune.qa import QARecord, check_disjoint, load_qa
 from finetune.threads import training_threads
@@ -98,10 +98,12 @@ def collection_corpus(client: "QdrantClient", collection: str) -> tuple[dict[str
 
 def training_pairs(
     records: list[QARecord], everything: list[QARecord], passages: QdrantPassages, swapper: AbbreviationSwapper,
+    condense_turns: int,
 ) -> tuple[list[dict[str, str]], int]:
     """(anchor question, positive chunk text) pairs, abbreviation variants included."""
     answerable = [r for r in records if not r.unanswerable]
-    queries = [retrieval_query(r, conversation_history(r, everything)) for r in answerable]
+    histories = [conversation_history(r, everything) for r in answerable]
+    queries = retrieval_queries(answerable, histories, passages, condense_turns)
     vectors = passages.embed(queries)
     pairs: list[dict[str, str]] = []
     variants = 0
@@ -127,16 +129,17 @@ def training_pairs(
 
 def held_out_queries(
     records: list[QARecord], everything: list[QARecord], passages: QdrantPassages, swapper: AbbreviationSwapper,
-    by_doc: dict[str, set[str]],
+    by_doc: dict[str, set[str]], condense_turns: int,
 ) -> tuple[dict[str, dict[str, str]], dict[str, set[str]]]:
-    """Query sets ("questions", "variants") and the relevant chunk ids (all of the gold document)."""
+    """Query sets ("questions", "variants") and the relevant chunk ids (all of the gold document).
+    Follow-ups are searched as the chat searches them with the base embedder, fixed before training
+    so that recall before and after is measured on the same queries."""
     sets: dict[str, dict[str, str]] = {"questions": {}, "variants": {}}
     relevant: dict[str, set[str]] = {}
-    for record in records:
-        if record.unanswerable:
-            continue
+    answerable = [r for r in records if not r.unanswerable]
+    histories = [conversation_history(r, everything) for r in answerable]
+    for record, query in zip(answerable, retrieval_queries(answerable, histories, passages, condense_turns)):
         doc_id = passages.gold_document(record)
-        query = retrieval_query(record, conversation_history(record, everything))
         sets["questions"][record.id] = query
         relevant[record.id] = by_doc[doc_id]
         for n, variant in enumerate(swapper.variants(query)):
@@ -223,9 +226,10 @@ def train_embedder(
         client = open_client(settings)
     try:
         passages = QdrantPassages(client, settings.qdrant.collection, embedder)
-        pairs, variant_pairs = training_pairs(train_records, everything, passages, swapper)
+        turns = settings.chat.condense_turns
+        pairs, variant_pairs = training_pairs(train_records, everything, passages, swapper, turns)
         corpus, by_doc = collection_corpus(client, settings.qdrant.collection)
-        query_sets, relevant = held_out_queries(held_out, everything, passages, swapper, by_doc)
+        query_sets, relevant = held_out_queries(held_out, everything, passages, swapper, by_doc, turns)
     finally:
         if owns_client:
             client.close()

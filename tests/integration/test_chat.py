@@ -61,6 +61,23 @@ def test_follow_up_is_made_standalone_before_retrieval(runtime) -> None:
     assert not any(s.source.endswith("cardivexin.md") for s in alone.sources[:1])  # history made the difference
 
 
+def test_a_third_turn_keeps_its_topic_and_a_new_subject_drops_it(runtime) -> None:
+    """chat.condense=concat: with only the previous question in front, "And for an 80-year-old?"
+    searched for 'When can it be increased?' and lost Cardivexin; a new subject must not drag the
+    old one along."""
+    first = runtime.chain.ask("What is the starting dose of Cardivexin?", owner="t3b", mode="rag")
+    conversation = first.conversation_id
+    runtime.chain.ask("When can it be increased?", owner="t3b", conversation_id=conversation, mode="rag")
+    third = runtime.chain.ask("And for an 80-year-old?", owner="t3b", conversation_id=conversation, mode="rag")
+    assert "Cardivexin" in third.query
+    assert third.sources[0].source.endswith("monographs/cardivexin.md")
+
+    question = "What is the door-to-balloon target for a STEMI?"
+    new_subject = runtime.chain.ask(question, owner="t3b", conversation_id=conversation, mode="rag")
+    assert new_subject.query == question
+    assert new_subject.sources[0].source.endswith("protocols/chest-pain-acs.md")
+
+
 def test_questions_the_documents_do_not_cover(runtime) -> None:
     answer = runtime.chain.ask("What is the capital of Peru?", owner="t4", mode="rag")
     assert answer.text == NOT_COVERED and answer.sources == [] and answer.refused

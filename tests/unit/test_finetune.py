@@ -14,7 +14,7 @@ from finetune.abbreviations import BUILTIN, AbbreviationSwapper, clean_expansion
 from finetune.cli import make_parser
 from finetune.config import load_train_config, split_overrides
 from finetune.data import (
-    Passage, PrepareOptions, build_raft_examples, choose_no_gold, retrieval_query, sft_example,
+    Passage, PrepareOptions, build_raft_examples, choose_no_gold, retrieval_queries, sft_example,
     split_records,
 )
 from finetune.files import InputError, OutputExistsError, staged_dir
@@ -123,6 +123,9 @@ class FakePassages:
     def best_in_document(self, vector, doc_id, page):
         return Passage(doc_id, ContextChunk(f"gold text of {doc_id}", f"Title {doc_id}", doc_id))
 
+    def top_score(self, vector):
+        return vector[0]  # the longest query scores highest
+
     def top_outside(self, vector, exclude_doc_id, limit):
         return [Passage(f"other{i}", ContextChunk(f"distractor {i}", f"Other {i}", f"other{i}.md"))
                 for i in range(limit)]
@@ -135,7 +138,7 @@ def test_raft_shares_citations_and_prompts_follow_the_config() -> None:
         record.id = f"u{i}"
     items = answerable + unanswerable
     options = PrepareOptions(no_gold_share=0.25, seed=3)
-    examples = build_raft_examples(items, items, FakePassages(), options, "train", distractors=3)
+    examples = build_raft_examples(items, items, FakePassages(), options, "train", 3, 2)
 
     cases = Counter(e["case"] for e in examples)
     assert cases == {"gold": 30, "no_gold": 10, "unanswerable": 5}  # exactly round(0.25 * 40) lose the gold
@@ -155,7 +158,7 @@ def test_raft_shares_citations_and_prompts_follow_the_config() -> None:
     positions = Counter(e["gold"] for e in examples if e["gold"])
     assert set(positions) == {1, 2, 3, 4}  # shuffled, not always first
 
-    again = build_raft_examples(items, items, FakePassages(), options, "train", distractors=3)
+    again = build_raft_examples(items, items, FakePassages(), options, "train", 3, 2)
     assert again == examples
     assert choose_no_gold(items, 0.25, 4, "train") != choose_no_gold(items, 0.25, 3, "train")
 
@@ -164,11 +167,12 @@ def test_followups_carry_history_and_search_with_the_previous_question() -> None
     opener, followup = records(2)
     opener.conversation_id = followup.conversation_id = "c1"
     opener.turn, followup.turn, followup.type = 1, 2, "followup"
-    examples = build_raft_examples([followup], [opener, followup], FakePassages(), PrepareOptions(), "train", 2)
+    examples = build_raft_examples([followup], [opener, followup], FakePassages(), PrepareOptions(), "train", 2, 2)
     prompt = examples[0]["prompt"]
     assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
     assert prompt[1]["content"] == opener.question and prompt[2]["content"] == opener.answer
-    assert retrieval_query(followup, [(opener.question, opener.answer)]) == f"{opener.question} {followup.question}"
+    history = [(opener.question, opener.answer)]
+    assert retrieval_queries([followup], [history], FakePassages(), 2) == [f"{opener.question} {followup.question}"]
     sft = sft_example(followup, [(opener.question, opener.answer)])
     assert sft["prompt"] == build_messages(followup.question, None, [(opener.question, opener.answer)])
     assert sft["prompt"][0]["content"] == SYSTEM_WITHOUT_DOCUMENTS

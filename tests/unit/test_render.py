@@ -2,7 +2,9 @@
 
 from chatbot.render import safe_markdown, sources_markdown
 from chatbot.citations import attribute
-from core.prompts import ContextChunk, build_messages, cited_numbers, drop_unknown_citations, user_turn
+from core.prompts import (
+    ContextChunk, best_query, build_messages, cited_numbers, drop_unknown_citations, followup_queries, user_turn,
+)
 
 
 def test_html_and_images_are_made_inert() -> None:
@@ -42,3 +44,18 @@ def test_attribution_only_for_supported_sentences() -> None:
     assert used == [1]
     assert text == "Cardivexin lowers systolic blood pressure by 14 mmHg [1]. Paris is in France."
     assert attribute("Nothing here matches anything.", sources) == ("Nothing here matches anything.", [])
+
+
+def test_followup_candidates_and_the_choice_between_them() -> None:
+    history = [("Dose of Cardivexin?", "5 mg [1]"), ("When can it be increased?", "After 2 weeks [1]")]
+    assert followup_queries("And at 80?", [], 2) == ["And at 80?"]
+    assert followup_queries("And at 80?", history, 1) == ["And at 80?", "When can it be increased? And at 80?"]
+    assert followup_queries("And at 80?", history, 2) == [
+        "And at 80?", "When can it be increased? And at 80?", "Dose of Cardivexin? When can it be increased? And at 80?",
+    ]
+    assert followup_queries("And at 80?", history[:1], 3)[-1] == "Dose of Cardivexin? And at 80?"  # no more than asked
+
+    scores = {"a": 0.5, "b a": 0.7, "c b a": 0.6}
+    assert best_query(["a", "b a", "c b a"], scores.get) == "b a"
+    assert best_query(["a", "b a"], {"a": 0.5, "b a": 0.5}.get) == "a"  # a tie keeps the question's own words
+    assert best_query(["a", "b a"], {"a": None, "b a": 0.1}.get) == "b a"  # nothing found for 'a'
