@@ -114,9 +114,10 @@ def followup_queries(question: str, history: Sequence[tuple[str, str]], turns: i
 
 def best_query(queries: Sequence[str], top_score: Callable[[str], float | None]) -> str:
     """The query whose closest chunk scores highest (the first one on a tie, so a question that
-    stands alone keeps its own wording). Measured on the demo's Q/A sets, against always
-    prepending: third turns keep recall@1 0.90 (one previous question: 0.40), and a question on a
-    new subject after one off-topic question keeps 0.65 instead of 0.38."""
+    stands alone keeps its own wording). ``python -m evals.followups`` on the demo's Q/A sets:
+    third turns find their gold document first 0.90 of the time (the previous question alone in
+    front: 0.40), and a question on a new subject after one unrelated question 0.69 (always
+    prepending: 0.40; the question alone: 0.85)."""
     scored = [(score if (score := top_score(query)) is not None else float("-inf"), -i, query)
               for i, query in enumerate(queries)]
     return max(scored)[2]

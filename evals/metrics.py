@@ -316,7 +316,12 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     timings = [r.get("timings") or {} for r in records]
     out["ttft_s"] = _mean(t.get("ttft_s") for t in timings)
-    out["tokens_per_s"] = _mean(t.get("tokens_per_s") for t in timings)
+    # Pooled: all answers' tokens over their decode time. A short answer ("[1]") arrives in one
+    # streamed piece, so its own rate is tokens over a millisecond, which would swamp a mean.
+    decoding = [t for t in timings if t.get("tokens") and t.get("total_s") is not None and t.get("ttft_s") is not None]
+    decode_seconds = sum(t["total_s"] - t["ttft_s"] for t in decoding)
+    out["tokens_per_s"] = (sum(t["tokens"] for t in decoding) / decode_seconds if decode_seconds > 0
+                           else _mean(t.get("tokens_per_s") for t in timings))
     out["retrieval_ms"] = _mean(t.get("retrieval_ms") for t in timings)
     out["total_s"] = _mean(t.get("total_s") for t in timings)
     return out

@@ -52,7 +52,7 @@ ROWS: tuple[Row, ...] = (
     Row("unanswerable: correctly declined", "declined_unanswerable", _pct, "n_unanswerable"),
     Row("answerable: declined anyway", "declined_answerable", _pct, "n_answerable"),
     Row("time to first token, s (mean)", "ttft_s", lambda v: f"{v:.2f}"),
-    Row("tokens/s (mean)", "tokens_per_s", lambda v: f"{v:.1f}"),
+    Row("tokens/s (all tokens / all decode time)", "tokens_per_s", lambda v: f"{v:.1f}"),
     Row("retrieval ms (mean)", "retrieval_ms", lambda v: f"{v:.0f}"),
     Row("total s per question (mean)", "total_s", lambda v: f"{v:.2f}"),
 )

@@ -191,6 +191,16 @@ def test_summarize_a_mode() -> None:
     assert s["total_s"] == pytest.approx(10.0 / 5)
 
 
+def test_tokens_per_second_pools_tokens_over_decode_time() -> None:
+    long = {"tokens": 100, "ttft_s": 1.0, "total_s": 6.0, "tokens_per_s": 20.0}
+    one_piece = {"tokens": 3, "ttft_s": 1.0, "total_s": 1.001, "tokens_per_s": 2801.0}  # "[1]" streamed at once
+    records = [_record(id="a", answer="x", retrieved=[], timings=long),
+               _record(id="b", answer="[1]", retrieved=[], timings=one_piece)]
+    for r in records:
+        r["scores"] = score_record(r)
+    assert summarize(records)["tokens_per_s"] == pytest.approx(103 / 5.001)  # not the mean, 1410
+
+
 def test_summarize_nothing_applies() -> None:
     s = summarize([])
     assert s["questions"] == 0 and s["mrr"] is None and s["accuracy_generated"] is None
