@@ -77,11 +77,7 @@ def subject_change_cases(
 
 
 def compare(settings: Settings, paths: Sequence[Path], seed: int) -> str:
-    from langchain_qdrant import QdrantVectorStore
-
-    from chatbot.chain import Retriever
-    from core.embeddings import load_embedder
-    from core.store import collection_for, open_client
+    from chatbot.runtime import build_runtime
 
     questions: list[EvalQuestion] = []
     for path in paths:
@@ -90,17 +86,12 @@ def compare(settings: Settings, paths: Sequence[Path], seed: int) -> str:
             print(f"skipped {problem}", file=sys.stderr)
         questions.extend(loaded.questions)
     settings = settings.model_copy(update={"retrieval": settings.retrieval.model_copy(update={"k": max(RECALL_AT)})})
-    client = open_client(settings)
+    runtime = build_runtime(settings)  # the chat model stays unloaded: nothing here generates
     try:
-        embedder = load_embedder(settings.embedding)
-        collection = collection_for(client, settings)
-        collection.check_embedder(embedder.info)
-        if collection.count() == 0:
+        if runtime.collection.count() == 0:
             raise StoreError(f"the collection {settings.qdrant.collection!r} is empty: index the documents first "
                              "(python -m ingest data/demo)")
-        store = QdrantVectorStore(client=client, collection_name=settings.qdrant.collection,
-                                  embedding=embedder.embeddings)
-        retriever = Retriever(store, settings)
+        retriever = runtime.chain.retriever
         found: dict[str, list[str]] = {}
         scores: dict[str, float | None] = {}
 
@@ -141,10 +132,10 @@ def compare(settings: Settings, paths: Sequence[Path], seed: int) -> str:
                 cells.append(f"{_share(ranks, 1):.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"{len(followups)} follow-up turns, {len(changes)} standalone questions "
-                  f"(seed {seed}); collection {settings.qdrant.collection!r}, embedder {embedder.info.name}"]
+                  f"(seed {seed}); collection {settings.qdrant.collection!r}, embedder {runtime.embedder.info.name}"]
         return "\n".join(lines)
     finally:
-        client.close()
+        runtime.close()
 
 
 def _share(ranks: Sequence[int | None], k: int) -> float:

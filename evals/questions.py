@@ -147,7 +147,7 @@ def load_questions(path: Path) -> QuestionSet:
         number = line.number
         try:
             if line.record is None:
-                raise MalformedRecord(line.problem or "not a JSON object")
+                raise MalformedRecord(str(line.problem))
             value = line.record
             question = parse_record(value, number)
             if question.id in seen_ids:

@@ -222,19 +222,27 @@ def conversation_history(record: QARecord, everything: list[QARecord]) -> list[t
     return [(r.question, target_without_documents(r)) for r in earlier]
 
 
-def retrieval_queries(
+def embedded_queries(
     records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: QdrantPassages, turns: int,
-) -> list[str]:
+) -> list[tuple[str, list[float]]]:
     """What the chat chain searches with for each record (chat.condense='concat', with
     chat.condense_turns = ``turns``), chosen by the same rule: the candidate query whose closest
-    chunk scores highest."""
+    chunk scores highest; with its vector. Every distinct text is embedded once."""
     candidates = [followup_queries(r.question, h, turns) for r, h in zip(records, histories)]
-    to_score = sorted({query for queries in candidates if len(queries) > 1 for query in queries})
-    vectors = dict(zip(to_score, passages.embed(to_score))) if to_score else {}
-    return [
+    texts = sorted({query for queries in candidates for query in queries})
+    vectors = dict(zip(texts, passages.embed(texts))) if texts else {}
+    chosen = [
         queries[0] if len(queries) == 1 else best_query(queries, lambda q: passages.top_score(vectors[q]))
         for queries in candidates
     ]
+    return [(query, vectors[query]) for query in chosen]
+
+
+def retrieval_queries(
+    records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: QdrantPassages, turns: int,
+) -> list[str]:
+    """The queries of :func:`embedded_queries`, without their vectors."""
+    return [query for query, _ in embedded_queries(records, histories, passages, turns)]
 
 
 def target_without_documents(record: QARecord) -> str:
@@ -302,7 +310,7 @@ def build_raft_examples(
 
     no_gold = choose_no_gold(records, options.no_gold_share, options.seed, split)
     histories = [conversation_history(r, everything) for r in records]
-    vectors = passages.embed(retrieval_queries(records, histories, passages, condense_turns))
+    vectors = [vector for _, vector in embedded_queries(records, histories, passages, condense_turns)]
     examples: list[dict[str, Any]] = []
     problems: list[str] = []
     k = distractors

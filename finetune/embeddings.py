@@ -33,7 +33,7 @@ from core.hub import resolve
 from core.settings import Settings
 from core.store import CONTENT_KEY, METADATA_KEY
 from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
-from finetune.data import QdrantPassages, conversation_history, retrieval_queries, split_records
+from finetune.data import QdrantPassages, conversation_history, embedded_queries, retrieval_queries, split_records
 from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
 from finetune.qa import QARecord, check_disjoint, load_qa
 from finetune.threads import training_threads
@@ -103,12 +103,11 @@ def training_pairs(
     """(anchor question, positive chunk text) pairs, abbreviation variants included."""
     answerable = [r for r in records if not r.unanswerable]
     histories = [conversation_history(r, everything) for r in answerable]
-    queries = retrieval_queries(answerable, histories, passages, condense_turns)
-    vectors = passages.embed(queries)
+    chosen = embedded_queries(answerable, histories, passages, condense_turns)
     pairs: list[dict[str, str]] = []
     variants = 0
     problems: list[str] = []
-    for record, query, vector in zip(answerable, queries, vectors):
+    for record, (query, vector) in zip(answerable, chosen):
         try:
             doc_id = passages.gold_document(record)
         except InputError as exc:

@@ -292,7 +292,7 @@ def _load_jsonl(
         number, record = line.number, line.record
         where = f"{shown}:{number}"
         if record is None:
-            yield LoadFailure(where, line.problem or "not a JSON object")
+            yield LoadFailure(where, str(line.problem))
             continue
         body = record.get(text_field)
         if isinstance(body, list):
