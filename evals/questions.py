@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.qa import RECORD_TYPES, QARecord, read_qa
-
-QUESTION_TYPES = RECORD_TYPES
+from core.qa import QARecord, read_qa
 
 
 @dataclass(frozen=True)

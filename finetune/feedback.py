@@ -185,16 +185,17 @@ def split_examples(
         )
     order = sorted(groups, key=lambda g: groups[g][0].answer.message_id)
     random.Random(f"{seed}:feedback-split").shuffle(order)
+    # Whole groups, never more than the share asks for (a chat's groups are few and uneven, so
+    # "until the share is reached" could hold out half of it); at least the smallest one.
     wanted = max(1, round(val_share * len(examples)))
     chosen: set[str] = set()
     taken = 0
     for group in order:
-        if taken >= wanted:
-            break
-        if taken + len(groups[group]) >= len(examples):
-            continue  # the training side must keep something
-        chosen.add(group)
-        taken += len(groups[group])
+        if taken + len(groups[group]) <= wanted:
+            chosen.add(group)
+            taken += len(groups[group])
+    if not chosen:
+        chosen.add(min(order, key=lambda g: len(groups[g])))
     train = [e for g in groups if g not in chosen for e in groups[g]]
     validation = [e for g in chosen for e in groups[g]]
     by_id = lambda e: e.answer.message_id  # noqa: E731

@@ -188,6 +188,40 @@ def test_prepared_files_are_checked_line_by_line(tmp_path: Path) -> None:
         read_examples(path)
 
 
+def test_preference_files_and_configs_are_checked_for_their_objective(tmp_path: Path) -> None:
+    prompt = build_messages("Q?", None)
+    answer = [{"role": "assistant", "content": "A."}]
+    kto = write_lines(tmp_path / "kto.jsonl", [
+        json.dumps({"prompt": prompt, "completion": answer, "label": False, "id": "fb-1"}),
+        json.dumps({"prompt": prompt, "completion": answer, "label": "yes"}),
+        json.dumps({"prompt": prompt, "completion": answer}),
+    ])
+    with pytest.raises(InputError) as caught:
+        read_examples(kto, "kto")
+    assert f"{kto}:2: 'label' must be true" in str(caught.value) and f"{kto}:3:" in str(caught.value)
+    assert f"{kto}:1:" not in str(caught.value)
+    dpo = write_lines(tmp_path / "dpo.jsonl", [
+        json.dumps({"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": "B."}]}),
+        json.dumps({"prompt": prompt, "chosen": answer}),
+        json.dumps({"prompt": prompt, "chosen": answer, "rejected": answer + answer}),
+    ])
+    with pytest.raises(InputError) as caught:
+        read_examples(dpo, "dpo")
+    assert f"{dpo}:2: expected" in str(caught.value) and "'rejected': [assistant message]" in str(caught.value)
+    assert f"{dpo}:3: the rejected must be exactly one assistant message" in str(caught.value)
+    (pair,) = read_examples(write_lines(tmp_path / "one.jsonl", [json.dumps(json.loads(dpo.read_text().splitlines()[0]))]), "dpo")
+    assert pair.as_row("dpo") == {"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": "B."}]}
+
+    for config in ("feedback.yaml", "feedback-dpo.yaml"):
+        loaded = load_train_config(REPO / "finetune" / "configs" / config)
+        assert loaded.objective in ("kto", "dpo") and f"/{loaded.objective}/" in str(loaded.train_files[0])
+    feedback = REPO / "finetune" / "configs" / "feedback.yaml"
+    with pytest.raises(SettingsError, match="batch_size 2 or more"):
+        load_train_config(feedback, {"batch_size": 1})
+    with pytest.raises(SettingsError, match="group_by_length: false"):
+        load_train_config(feedback, {"group_by_length": True})
+
+
 # -- output folders -----------------------------------------------------------------------------
 def test_outputs_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     target = tmp_path / "out"
@@ -240,6 +274,7 @@ def test_help_shows_copy_paste_examples(capsys: pytest.CaptureFixture[str]) -> N
     assert exited.value.code == 0
     text = capsys.readouterr().out
     for command in ("python -m finetune prepare --qa", "python -m finetune train --config finetune/configs/demo.yaml",
+                    "python -m finetune prepare --from-feedback", "python -m finetune train --config finetune/configs/feedback.yaml",
                     "python -m finetune merge demo", "python -m finetune embeddings --qa"):
         assert command in text
     for sub in ("prepare", "train", "merge", "embeddings"):
@@ -254,4 +289,14 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytes
     bad = write_lines(tmp_path / "qa.jsonl", ['{"id": 1, "question": "x"'])
     code = main(["prepare", "--qa", str(bad), "--out", str(tmp_path / "out"), "--set", f"data_dir={tmp_path}"])
     assert code == 2 and f"{bad}:1: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    out = ["--out", str(tmp_path / "out"), "--set", f"data_dir={tmp_path}"]
+    assert main(["prepare", "--from-feedback", "--val-qa", str(bad), *out]) == 2
+    assert "--val-qa: not used with --from-feedback" in capsys.readouterr().err
+    assert main(["prepare", "--qa", str(bad), "--exclude-user", "alice", *out]) == 2
+    assert "--exclude-user applies to --from-feedback only" in capsys.readouterr().err
+    assert main(["prepare", "--from-feedback", *out]) == 2  # no chat history in this data_dir
+    assert f"{tmp_path / 'chat.sqlite3'}: no chat history" in capsys.readouterr().err
+    assert main(["prepare", "--from-feedback", *out, "--set", "feedback.train_on=none"]) == 2
+    assert "feedback.train_on is 'none'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
