@@ -78,7 +78,8 @@ def make_parser() -> argparse.ArgumentParser:
                       help="--from-feedback: leave this owner out (a user name, or an owner id such as "
                       "browser:ID); repeatable")
     prep.add_argument("--val-qa", type=Path, help="validation Q/A records; without it --val-share of --qa is held out")
-    prep.add_argument("--out", type=Path, required=True, help="output folder (sft/, raft/, summary.json)")
+    prep.add_argument("--out", type=Path, required=True,
+                      help="output folder: sft/, raft/ (--from-feedback: sft/, kto/, dpo/) and summary.json")
     prep.add_argument("--collection", help="Qdrant collection to draw chunks from (default: qdrant.collection)")
     prep.add_argument("--kinds", default="sft,raft", help="comma-separated: sft, raft (default both)")
     prep.add_argument("--distractors", type=int, metavar="K",
