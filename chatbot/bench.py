@@ -13,11 +13,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
+from core.jsonl import InputError
 from core.logs import setup_logging
 from core.settings import load_settings, parse_overrides
 
@@ -42,8 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     from chatbot.runtime import build_runtime
 
     if args.qa:
-        rows = [json.loads(line) for line in args.qa.read_text().splitlines() if line.strip()]
-        questions = [r["question"] for r in rows if r.get("type") != "followup"][: args.limit]
+        from core.qa import load_qa
+
+        try:
+            records = load_qa(args.qa)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # A follow-up alone would be asked without its conversation: standalone questions only.
+        questions = [r.question for r in records if not r.followup][: args.limit]
     else:
         questions = settings.chat.examples[: args.limit]
     # History goes to a scratch database: benchmark turns are not anyone's conversations.

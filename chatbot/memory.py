@@ -6,7 +6,9 @@ must never read or write another's), the sources of each answer (citations must 
 reload), feedback on a message, and a list of a user's past conversations.
 
 Ownership is checked in every query (``WHERE owner = ?``): a conversation id that belongs to
-someone else behaves exactly like one that does not exist.
+someone else behaves exactly like one that does not exist. The one exception is
+``rated_answers``, which reads every owner's thumbs for the training export (``python -m finetune
+prepare --from-feedback``, which applies the ``feedback`` settings' opt-in); no page calls it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ class StoredMessage:
     mode: str | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)
     feedback: int | None = None
+
+
+@dataclass
+class RatedAnswer:
+    """An answer someone gave a thumbs up or down, with what the model was given for it."""
+
+    message_id: int
+    owner: str
+    conversation_id: str
+    question: str  # the user message it answers
+    answer: str
+    mode: str | None
+    sources: list[dict[str, Any]]  # the chunks in its prompt, as stored beside the answer
+    feedback: int  # 1 liked, -1 disliked
+    history: list[tuple[str, str]]  # the conversation's earlier (question, answer) pairs
 
 
 @dataclass
@@ -170,6 +187,34 @@ class ChatMemory:
                 (value, message_id, owner),
             )
             return cursor.rowcount == 1
+
+    # -- the training export (read-only, every owner) -----------------------------------------
+    def rated_answers(self) -> list[RatedAnswer]:
+        """Every answer with feedback, in every owner's conversations, in message order, each with
+        its question and earlier turns paired as ``turns`` pairs them for the chain."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT m.id, c.owner, m.conversation_id, m.role, m.content, m.mode, m.sources, m.feedback "
+                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE m.conversation_id IN (SELECT conversation_id FROM messages WHERE feedback IS NOT NULL) "
+                "ORDER BY m.conversation_id, m.id"
+            ).fetchall()
+        rated: list[RatedAnswer] = []
+        conversation, pairs, pending = None, [], None
+        for message_id, owner, conversation_id, role, content, mode, sources, feedback in rows:
+            if conversation_id != conversation:
+                conversation, pairs, pending = conversation_id, [], None
+            if role == "user":
+                pending = content
+                continue
+            if pending is None:
+                continue  # an answer without a question: the chain never writes one
+            if feedback is not None:
+                rated.append(RatedAnswer(message_id, owner, conversation_id, pending, content, mode,
+                                         json.loads(sources), feedback, list(pairs)))
+            pairs.append((pending, content))
+            pending = None
+        return sorted(rated, key=lambda r: r.message_id)
 
     def _require(self, owner: str, conversation_id: str) -> None:
         if not self.exists(owner, conversation_id):

@@ -1,5 +1,6 @@
 """JSON Lines records with their line numbers, for every reader of JSONL input (ingest, Q/A
-sets for fine-tuning and evals): one wording of what is wrong with a line, wherever it is read."""
+sets for fine-tuning and evals): one wording of what is wrong with a line, wherever it is read,
+and one error that lists every bad line of a file at once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+
+class InputError(ValueError):
+    """Input that cannot be used; the message names the file and the line or field."""
+
+
+MAX_LISTED_PROBLEMS = 10
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    """One error listing every problem found (the first few), so a file is fixed in one pass."""
+    if not problems:
+        return
+    listed = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(listed)
+    tail = f"\n  ... and {more} more" if more else ""
+    raise InputError(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + tail)
 
 
 @dataclass(frozen=True)

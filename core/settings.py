@@ -149,6 +149,25 @@ class ChatSettings(_Section):
     )
 
 
+class FeedbackSettings(_Section):
+    """Which chat users' thumbs up/down may become training data (python -m finetune prepare --from-feedback).
+
+    An owner is named as the chat stores it: ``user:NAME`` for a signed-in user (a bare ``NAME``
+    means the same), ``browser:ID`` or ``session:ID`` for an anonymous one."""
+
+    train_on: Literal["opted_in", "all", "none"] = Field(
+        "opted_in",
+        description="'opted_in': only the answers of opted_in_owners; 'all': everyone's but excluded_owners; "
+        "'none': feedback is never training data",
+    )
+    opted_in_owners: list[str] = Field(
+        default_factory=list, description="owners who agreed that their rated answers may train the next adapter"
+    )
+    excluded_owners: list[str] = Field(
+        default_factory=list, description="owners never trained on, whatever train_on says (e.g. test accounts)"
+    )
+
+
 class ServerSettings(_Section):
     """Where the app listens, who may frame it, and who may use it."""
 
@@ -193,6 +212,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
 
     @classmethod

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.hub import ModelUnavailableError
+from core.jsonl import InputError
 from core.logs import setup_logging
 from core.settings import Settings, SettingsError, load_settings, parse_overrides
 from core.store import StoreError
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         qa = load_questions(args.qa)
         only = read_ids(args.ids) if args.ids else None
         exclude = read_ids(args.exclude_ids) if args.exclude_ids else None
+    except InputError as exc:
+        return _fail(str(exc))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return _fail(f"cannot read the question set or an id file: {exc}")
     for problem in qa.problems:

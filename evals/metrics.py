@@ -34,8 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from core.prompts import NOT_COVERED
+from core.qa import CLOSED_LABELS, closed_label  # noqa: F401  (a reference's label: the Q/A record's rule)
 
-CLOSED_LABELS: tuple[str, ...] = ("yes", "no", "maybe")
 NO_LABEL = "none"
 RECALL_AT: tuple[int, ...] = (1, 5, 10)
 
@@ -140,14 +140,6 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 # -- closed labels -----------------------------------------------------------------------------
-def closed_label(answer: str | None) -> str | None:
-    """A reference answer that is exactly a closed label ("Yes", "no.") -> the label, else None."""
-    if not isinstance(answer, str):
-        return None
-    word = answer.strip().rstrip(".!").strip().lower()
-    return word if word in CLOSED_LABELS else None
-
-
 def label_from_answer(answer: str) -> str:
     """The first yes / no / maybe word of a generated answer, or NO_LABEL."""
     match = _LABEL_WORD.search(answer or "")

@@ -1,14 +1,10 @@
-"""Question sets: the demo's Q/A JSONL and PubMedQA's, read into one ``EvalQuestion`` shape.
+"""Question sets for evals: the Q/A records of ``core.qa``, seen as the questions an eval asks.
 
-Demo (``data/demo/qa/*.jsonl``): ``id``, ``question``, ``answer``, ``gold_doc`` (a path
-relative to the knowledge base, or null), ``gold_page``, ``type`` (factual | abbreviation |
-followup | unanswerable), and ``conversation_id`` + ``turn`` for a multi-turn conversation.
-
-PubMedQA (``../shared/data/pubmedqa/dev.jsonl``): ``id`` (the PMID of the abstract that answers
-it), ``question``, ``answer`` (yes | no | maybe) and ``long_answer`` (the abstract's
-conclusion). A record with ``long_answer`` is read this way: its label is ``answer``, its
-free-form reference is ``long_answer``, and its gold document is the corpus record ``#<id>``
-(ingest stores a JSONL record's source as ``<file>#<record id>``).
+The records and their rules (types, gold documents, PubMedQA's label and long answer, follow-ups,
+what is malformed) are ``core.qa``'s, the same ones fine-tuning reads. Here a record becomes an
+``EvalQuestion``: the fields an eval record carries (``reference``: the free-form reference,
+PubMedQA's ``long_answer``; ``label``: a closed yes | no | maybe; ``gold``: a path under the
+knowledge base or ``#<record id>``).
 
 A malformed record is reported as ``path:line: reason`` and skipped; the rest is used.
 Conversations are asked in turn order, starting where their first turn appears in the file.
@@ -22,10 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.jsonl import json_lines
-from evals.metrics import closed_label
-
-QUESTION_TYPES = ("factual", "abbreviation", "followup", "unanswerable")
+from core.qa import QARecord, read_qa
 
 
 @dataclass(frozen=True)
@@ -41,13 +34,26 @@ class EvalQuestion:
     conversation_id: str | None = None
     turn: int | None = None
     line: int = 0
+    stale_doc: str | None = None  # an update's older document, whose answer is out of date
+
+    @classmethod
+    def from_record(cls, record: QARecord) -> "EvalQuestion":
+        return cls(
+            id=record.id, question=record.question, reference=record.reference, label=record.label,
+            gold=record.gold, type=record.type or ("yes/no/maybe" if record.is_pubmedqa else None),
+            unanswerable=record.unanswerable, gold_page=record.gold_page,
+            conversation_id=record.conversation_id, turn=record.turn, line=record.line,
+            stale_doc=record.stale_doc,
+        )
 
     def as_record_fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "id": self.id, "question": self.question, "type": self.type, "reference": self.reference,
             "label": self.label, "gold": self.gold, "gold_page": self.gold_page,
             "unanswerable": self.unanswerable, "conversation_id": self.conversation_id, "turn": self.turn,
         }
+        # Only updates carry it, so the records of every other question keep their shape.
+        return fields | ({"stale_doc": self.stale_doc} if self.stale_doc is not None else {})
 
 
 @dataclass
@@ -56,67 +62,6 @@ class QuestionSet:
     questions: list[EvalQuestion]
     problems: list[str] = field(default_factory=list)  # "path:line: reason", one per skipped record
     lines: int = 0
-
-
-class MalformedRecord(ValueError):
-    pass
-
-
-def _text(record: dict[str, Any], key: str, required: bool = True) -> str | None:
-    value = record.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise MalformedRecord(f"'{key}' must be a non-empty string, not {value!r}")
-    return value.strip()
-
-
-def parse_record(record: Any, line: int) -> EvalQuestion:
-    """One JSON value -> EvalQuestion, or MalformedRecord saying what is wrong."""
-    if not isinstance(record, dict):
-        raise MalformedRecord(f"expected a JSON object, found {type(record).__name__}")
-    raw_id = record.get("id")
-    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
-        raise MalformedRecord(f"'id' must be a non-empty string or number, not {raw_id!r}")
-    question = _text(record, "question")
-    answer = _text(record, "answer")
-    if "long_answer" in record:  # PubMedQA
-        label = closed_label(answer)
-        if label is None:
-            raise MalformedRecord(f"PubMedQA 'answer' must be yes, no or maybe, not {answer!r}")
-        return EvalQuestion(
-            id=str(raw_id).strip(), question=question, reference=_text(record, "long_answer", required=False),
-            label=label, gold=f"#{str(raw_id).strip()}", type=record.get("type") or "yes/no/maybe", line=line,
-        )
-
-    kind = record.get("type")
-    if kind is not None and kind not in QUESTION_TYPES:
-        raise MalformedRecord(f"'type' must be one of {', '.join(QUESTION_TYPES)}, not {kind!r}")
-    gold = record.get("gold_doc")
-    if gold is not None and (not isinstance(gold, str) or not gold.strip()):
-        raise MalformedRecord(f"'gold_doc' must be a path or null, not {gold!r}")
-    page = record.get("gold_page")
-    if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 1):
-        raise MalformedRecord(f"'gold_page' must be a page number or absent, not {page!r}")
-    conversation = record.get("conversation_id")
-    turn = record.get("turn")
-    if conversation is not None:
-        if not isinstance(conversation, (str, int)) or not str(conversation).strip():
-            raise MalformedRecord(f"'conversation_id' must be a string, not {conversation!r}")
-        if isinstance(turn, bool) or not isinstance(turn, int) or turn < 1:
-            raise MalformedRecord(f"a conversation turn needs 'turn' (1, 2, ...), not {turn!r}")
-    elif kind == "followup":
-        raise MalformedRecord("a followup needs 'conversation_id' and 'turn'")
-    unanswerable = kind == "unanswerable"
-    label = None if unanswerable else closed_label(answer)
-    return EvalQuestion(
-        id=str(raw_id).strip(), question=question,
-        # A bare "Yes" is scored as a label; token overlap with one word would say nothing.
-        reference=None if unanswerable or label else answer, label=label,
-        gold=gold.strip() if isinstance(gold, str) else None, type=kind, unanswerable=unanswerable,
-        gold_page=page, conversation_id=str(conversation).strip() if conversation is not None else None,
-        turn=turn if conversation is not None else None, line=line,
-    )
 
 
 def conversation_order(questions: list[EvalQuestion]) -> list[EvalQuestion]:
@@ -135,35 +80,12 @@ def conversation_order(questions: list[EvalQuestion]) -> list[EvalQuestion]:
 
 
 def load_questions(path: Path) -> QuestionSet:
-    """Read a question set; malformed records are listed in ``problems`` and left out."""
-    path = Path(path)
-    questions: list[EvalQuestion] = []
-    problems: list[str] = []
-    seen_ids: dict[str, int] = {}
-    seen_turns: dict[tuple[str, int], int] = {}
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    for line in json_lines(text):
-        number = line.number
-        try:
-            if line.record is None:
-                raise MalformedRecord(str(line.problem))
-            value = line.record
-            question = parse_record(value, number)
-            if question.id in seen_ids:
-                raise MalformedRecord(f"duplicate id {question.id!r} (first on line {seen_ids[question.id]})")
-            if question.conversation_id is not None:
-                key = (question.conversation_id, question.turn or 0)
-                if key in seen_turns:
-                    raise MalformedRecord(
-                        f"conversation {key[0]!r} has turn {key[1]} twice (first on line {seen_turns[key]})")
-                seen_turns[key] = number
-        except MalformedRecord as exc:
-            problems.append(f"{path}:{number}: {exc}")
-            continue
-        seen_ids[question.id] = number
-        questions.append(question)
-    return QuestionSet(path=path, questions=conversation_order(questions), problems=problems, lines=len(lines))
+    """Read a question set; malformed records are listed in ``problems`` and left out
+    (InputError when the file cannot be read at all)."""
+    loaded = read_qa(path)
+    questions = [EvalQuestion.from_record(r) for r in loaded.records]
+    return QuestionSet(path=loaded.path, questions=conversation_order(questions), problems=loaded.problems,
+                       lines=loaded.lines)
 
 
 def read_ids(path: Path) -> set[str]:

@@ -14,6 +14,10 @@ Examples:
   python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --no-gold-share 0 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
   python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
 
+  # the chat's thumbs up/down (of the users in feedback.opted_in_owners) -> an adapter trained with KTO
+  python -m finetune prepare --from-feedback --out data/finetune/feedback --set 'feedback.opted_in_owners=[alice]'
+  python -m finetune train --config finetune/configs/feedback.yaml                   # -> data/adapters/feedback/
+
   # an embedder that knows "MI" means "myocardial infarction"
   python -m finetune embeddings --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-abbrev
   RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed
@@ -55,16 +59,27 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prep = commands.add_parser(
-        "prepare", help="Q/A JSONL + the index -> SFT and RAFT chat-format training files",
+        "prepare", help="Q/A JSONL + the index, or the chat's thumbs up/down -> chat-format training files",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
         "  python -m finetune prepare --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --distractors 2 --no-gold-share 0.05 --out data/finetune/demo\n"
         "  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out data/finetune/pubmedqa\n"
-        "  python -m finetune prepare --qa my-qa.jsonl --out data/finetune/mine --distractors 2 --no-gold-share 0.3 --kinds raft",
+        "  python -m finetune prepare --qa my-qa.jsonl --out data/finetune/mine --distractors 2 --no-gold-share 0.3 --kinds raft\n"
+        "  # liked/disliked chat answers of the owners in feedback.opted_in_owners -> sft/, kto/, dpo/\n"
+        "  python -m finetune prepare --from-feedback --out data/finetune/feedback --set 'feedback.opted_in_owners=[alice, bob]'\n"
+        "  python -m finetune prepare --from-feedback --out data/finetune/feedback --set feedback.train_on=all --exclude-user tester",
     )
-    prep.add_argument("--qa", type=Path, required=True, help="Q/A records (JSONL): id, question, answer, ...")
+    source = prep.add_mutually_exclusive_group(required=True)
+    source.add_argument("--qa", type=Path, help="Q/A records (JSONL): id, question, answer, ...")
+    source.add_argument("--from-feedback", action="store_true",
+                        help="the chat history's rated answers (chat.history_db), as SFT, KTO and DPO data; "
+                        "only owners allowed by feedback.train_on / opted_in_owners / excluded_owners")
+    prep.add_argument("--exclude-user", action="append", default=[], metavar="OWNER",
+                      help="--from-feedback: leave this owner out (a user name, or an owner id such as "
+                      "browser:ID); repeatable")
     prep.add_argument("--val-qa", type=Path, help="validation Q/A records; without it --val-share of --qa is held out")
-    prep.add_argument("--out", type=Path, required=True, help="output folder (sft/, raft/, summary.json)")
+    prep.add_argument("--out", type=Path, required=True,
+                      help="output folder: sft/, raft/ (--from-feedback: sft/, kto/, dpo/) and summary.json")
     prep.add_argument("--collection", help="Qdrant collection to draw chunks from (default: qdrant.collection)")
     prep.add_argument("--kinds", default="sft,raft", help="comma-separated: sft, raft (default both)")
     prep.add_argument("--distractors", type=int, metavar="K",
@@ -168,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 def _prepare(args: argparse.Namespace, settings: Settings, progress: bool) -> int:
     from pydantic import ValidationError
 
+    if args.from_feedback:
+        return _prepare_feedback(args, settings)
+    if args.exclude_user:
+        raise InputError("--exclude-user applies to --from-feedback only")
     from finetune.data import PrepareOptions, format_summary, prepare
 
     try:
@@ -182,6 +201,27 @@ def _prepare(args: argparse.Namespace, settings: Settings, progress: bool) -> in
     result = prepare(settings, args.qa, args.out, options, val_qa_path=args.val_qa, force=args.force,
                      progress=progress)
     print(format_summary(result.summary))
+    print(f"wrote {result.out} (summary in {result.out / 'summary.json'})", file=sys.stderr)
+    return 0
+
+
+def _prepare_feedback(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError
+
+    from finetune.feedback import FeedbackOptions, format_feedback_summary, prepare_feedback
+
+    ignored = [flag for flag, given in (("--val-qa", args.val_qa), ("--collection", args.collection),
+                                        ("--distractors", args.distractors is not None)) if given]
+    if ignored:
+        raise InputError(f"{', '.join(ignored)}: not used with --from-feedback (the chunks are the ones each answer was given)")
+    try:
+        options = FeedbackOptions(val_share=args.val_share, seed=args.seed, exclude_owners=args.exclude_user,
+                                  max_tokens=args.max_tokens)
+    except ValidationError as exc:
+        raise InputError("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("_", "-")
+                                   for e in exc.errors())) from None
+    result = prepare_feedback(settings, args.out, options, force=args.force)
+    print(format_feedback_summary(result.summary))
     print(f"wrote {result.out} (summary in {result.out / 'summary.json'})", file=sys.stderr)
     return 0
 

@@ -37,6 +37,19 @@ class LoraOptions(_Strict):
     )
 
 
+class PreferenceOptions(_Strict):
+    """KTO and DPO (``objective: kto | dpo``); SFT ignores them."""
+
+    beta: float = Field(
+        0.1, gt=0, description="how far the adapter may move from the base model: higher keeps it closer (KTO, DPO)"
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO: weight of the liked answers' loss (TRL's advice: keep liked x this / disliked "
+        "x undesirable_weight between 1 and 4/3)"
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the disliked answers' loss")
+
+
 class TrainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-.]{1,64}$", description="adapter name: <data_dir>/adapters/NAME")
     train_files: list[Path] = Field(
@@ -44,6 +57,12 @@ class TrainConfig(_Strict):
         description="prepared training JSONL files (prompt/completion); ${data_dir} stands for the settings' data_dir",
     )
     validation_files: list[Path] = Field(min_length=1, description="prepared validation JSONL files")
+    objective: Literal["sft", "kto", "dpo"] = Field(
+        "sft",
+        description="sft: prompt -> completion (prepare's sft/ and raft/); kto: prompt, completion and a "
+        "liked/disliked label, unpaired (prepare --from-feedback's kto/); dpo: prompt, chosen, rejected (its dpo/)",
+    )
+    preference: PreferenceOptions = Field(default_factory=PreferenceOptions)
     lora: LoraOptions = Field(default_factory=LoraOptions)
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -79,6 +98,17 @@ class TrainConfig(_Strict):
         shared = set(self.train_files) & set(self.validation_files)
         if shared:
             raise ValueError(f"{', '.join(map(str, sorted(shared)))} is both a training and a validation file")
+        return self
+
+    @model_validator(mode="after")
+    def _kto_batches(self) -> "TrainConfig":
+        # KTO estimates its KL term by pairing each prompt with its batch neighbour's answer, in file
+        # order (TRL requires sequential sampling and more than one example per batch for it).
+        if self.objective == "kto" and self.batch_size < 2:
+            raise ValueError("objective kto needs batch_size 2 or more (its KL estimate pairs examples within a batch)")
+        if self.objective == "kto" and self.group_by_length:
+            raise ValueError("objective kto needs group_by_length: false (it reads examples in order, "
+                             "pairing each with its neighbour for the KL estimate)")
         return self
 
     def with_data_dir(self, data_dir: Path) -> "TrainConfig":

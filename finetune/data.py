@@ -45,12 +45,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.embeddings import Embedder
 from core.prompts import NOT_COVERED, ContextChunk, best_query, build_messages, followup_queries
+from core.qa import QARecord, check_disjoint, load_qa
 from core.settings import Settings
 from core.store import CONTENT_KEY, METADATA_KEY, Collection
 from finetune.files import (
     InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json, write_jsonl,
 )
-from finetune.qa import QARecord, check_disjoint, load_qa
 from finetune.tokens import chat_token_count, length_stats
 
 if TYPE_CHECKING:
@@ -126,14 +126,17 @@ class QdrantPassages:
 
     def gold_document(self, record: QARecord) -> str:
         """The doc_id of the record's gold document; InputError naming the record otherwise."""
-        if record.gold_by_source:
-            wanted = record.gold_doc.strip().lstrip("./")  # type: ignore[union-attr]
+        if record.gold is None:
+            raise InputError(f"{record.where}: no gold document: its chunk can only be found with 'gold_doc' "
+                             "(or type the record 'unanswerable')")
+        if record.gold_record_id is not None:
+            found = self._doc_by_record.get(record.gold_record_id, set())
+            what = f"gold {record.gold!r}: no indexed JSONL record with metadata.record_id {record.gold_record_id!r}"
+        else:
+            wanted = record.gold.lstrip("./")
             found = {d for source, docs in self._doc_by_source.items()
                      if source == wanted or source.endswith("/" + wanted) for d in docs}
             what = f"gold_doc {record.gold_doc!r}: no indexed document whose source ends with '/{wanted}'"
-        else:
-            found = self._doc_by_record.get(record.id, set())
-            what = f"id {record.id!r}: no indexed JSONL record with metadata.record_id {record.id!r}"
         if not found:
             raise InputError(f"{record.where}: {what} in collection {self.collection!r}")
         if len(found) > 1:

@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.embeddings import Embedder, packaged_embedder_source
 from core.hub import resolve
+from core.qa import QARecord, check_disjoint, load_qa
 from core.settings import Settings
 from core.store import CONTENT_KEY, METADATA_KEY
 from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
 from finetune.data import QdrantPassages, conversation_history, embedded_queries, retrieval_queries, split_records
 from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
-from finetune.qa import QARecord, check_disjoint, load_qa
 from finetune.threads import training_threads
 
 if TYPE_CHECKING:

@@ -17,26 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# One error type for bad input everywhere (the Q/A loader in core raises it too).
+from core.jsonl import MAX_LISTED_PROBLEMS, InputError, raise_problems  # noqa: F401  (re-exported)
+
 
 class OutputExistsError(FileExistsError):
     """The target folder exists and --force was not given."""
-
-
-class InputError(ValueError):
-    """Input that cannot be used; the message names the file and the line or field."""
-
-
-MAX_LISTED_PROBLEMS = 10
-
-
-def raise_problems(problems: list[str], what: str) -> None:
-    """One error listing every problem found (the first few), so a file is fixed in one pass."""
-    if not problems:
-        return
-    listed = problems[:MAX_LISTED_PROBLEMS]
-    more = len(problems) - len(listed)
-    tail = f"\n  ... and {more} more" if more else ""
-    raise InputError(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(listed) + tail)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:

@@ -1,4 +1,9 @@
-"""python -m finetune train: a LoRA adapter for the chat model, with TRL's SFTTrainer, on a CPU.
+"""python -m finetune train: a LoRA adapter for the chat model, with TRL, on a CPU.
+
+``objective`` in the config picks the trainer: ``sft`` (SFTTrainer, prompt -> completion, the
+default), ``kto`` (KTOTrainer: unpaired liked / disliked answers, prepare --from-feedback's kto/)
+or ``dpo`` (DPOTrainer: chosen / rejected pairs, its dpo/). KTO and DPO train the same LoRA
+adapter; their reference model is the base, the same weights with the adapter switched off.
 
 A run, top to bottom:
 
@@ -15,7 +20,10 @@ A run, top to bottom:
    fp32 on the CPU (or a GPU when torch sees one, ``device: auto``): no bf16 (TRL's default would turn it on), no gradient checkpointing (135M
    parameters fit; recomputing activations would cost ~20% of the time for nothing).
 4. Evaluate the validation loss of the adapter and of the base model (the same model with the
-   adapter switched off, so both numbers come from the same code path).
+   adapter switched off, so both numbers come from the same code path). KTO and DPO evaluate the
+   base before training instead: their loss already switches the adapter off for the reference,
+   and PEFT's switch does not nest (the inner one would switch it back on). LoRA starts as the
+   identity, so before the first step the model is the base.
 5. Write adapter, tokenizer, resolved config, data fingerprint and metrics to a staging folder,
    load the adapter from there with ``core.llm.load_chat_model`` and check it answers a few
    validation prompts and stops at EOS, then rename it into place and delete the checkpoints.
@@ -56,7 +64,21 @@ RUN_RECORD = "run.json"
 class Example:
     where: str  # file:line
     prompt: list[dict[str, str]]
-    completion: list[dict[str, str]]
+    completion: list[dict[str, str]]  # dpo: the chosen answer
+    label: bool | None = None  # kto: liked (True) or disliked (False)
+    rejected: list[dict[str, str]] | None = None  # dpo: the rejected answer
+
+    def as_row(self, objective: str) -> dict[str, Any]:
+        """The columns the objective's TRL trainer reads; prepare's bookkeeping fields stay behind."""
+        if objective == "kto":
+            return {"prompt": self.prompt, "completion": self.completion, "label": self.label}
+        if objective == "dpo":
+            return {"prompt": self.prompt, "chosen": self.completion, "rejected": self.rejected}
+        return {"prompt": self.prompt, "completion": self.completion}
+
+
+# The answer columns of each objective's rows (prepare and prepare --from-feedback write them).
+ANSWER_COLUMNS = {"sft": ("completion",), "kto": ("completion",), "dpo": ("chosen", "rejected")}
 
 
 def _message_problem(message: Any) -> str | None:
@@ -69,26 +91,33 @@ def _message_problem(message: Any) -> str | None:
     return None
 
 
-def read_examples(path: Path) -> list[Example]:
+def read_examples(path: Path, objective: str = "sft") -> list[Example]:
     """The prepared file, checked line by line; every problem is reported with its file:line."""
     path = Path(path)
+    answers = ANSWER_COLUMNS[objective]
+    shape = ", ".join([f"'prompt': [messages]", *(f"{a!r}: [assistant message]" for a in answers)]
+                      + (["'label': true|false"] if objective == "kto" else []))
     examples: list[Example] = []
     problems: list[str] = []
     for number, row in iter_jsonl(path):
         where = f"{path}:{number}"
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), list) or not isinstance(row.get("completion"), list):
-            problems.append(f"{where}: expected {{'prompt': [messages], 'completion': [assistant message]}}")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), list) for k in ("prompt", *answers)):
+            problems.append(f"{where}: expected {{{shape}}} (objective {objective})")
             continue
-        prompt, completion = row["prompt"], row["completion"]
-        problem = next((p for p in map(_message_problem, prompt + completion) if p), None)
+        prompt = row["prompt"]
+        problem = next((p for p in map(_message_problem, prompt + [m for a in answers for m in row[a]]) if p), None)
         if problem is None and (not prompt or prompt[-1]["role"] != "user"):
             problem = "the prompt must end with a user message"
-        if problem is None and (len(completion) != 1 or completion[0]["role"] != "assistant"):
-            problem = "the completion must be exactly one assistant message"
+        if problem is None:
+            problem = next((f"the {a} must be exactly one assistant message" for a in answers
+                            if len(row[a]) != 1 or row[a][0]["role"] != "assistant"), None)
+        if problem is None and objective == "kto" and not isinstance(row.get("label"), bool):
+            problem = f"'label' must be true (liked) or false (disliked), not {row.get('label')!r}"
         if problem:
             problems.append(f"{where}: {problem}")
             continue
-        examples.append(Example(where, prompt, completion))
+        examples.append(Example(where, prompt, row[answers[0]], label=row.get("label") if objective == "kto" else None,
+                                rejected=row["rejected"] if objective == "dpo" else None))
     raise_problems(problems, str(path))
     if not examples:
         raise InputError(f"{path}: no training examples")
@@ -96,7 +125,8 @@ def read_examples(path: Path) -> list[Example]:
 
 
 def check_lengths(tokenizer: "PreTrainedTokenizerBase", examples: list[Example], max_length: int) -> list[int]:
-    lengths = [chat_token_count(tokenizer, e.prompt + e.completion) for e in examples]
+    lengths = [max(chat_token_count(tokenizer, e.prompt + answer) for answer in (e.completion, e.rejected) if answer)
+               for e in examples]
     raise_problems(
         [f"{e.where}: {n} tokens, over max_length {max_length} (raise max_length, or prepare with fewer "
          "--distractors)" for e, n in zip(examples, lengths) if n > max_length],
@@ -105,8 +135,8 @@ def check_lengths(tokenizer: "PreTrainedTokenizerBase", examples: list[Example],
     return lengths
 
 
-def read_all(paths: list[Path]) -> list[Example]:
-    return [example for path in paths for example in read_examples(path)]
+def read_all(paths: list[Path], objective: str = "sft") -> list[Example]:
+    return [example for path in paths for example in read_examples(path, objective)]
 
 
 def data_fingerprint(config: TrainConfig) -> dict[str, Any]:
@@ -189,13 +219,13 @@ def train(
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
     started = time.perf_counter()
     config = config.with_data_dir(settings.data_dir)
     adapter_dir = settings.adapters_dir / config.name
     refuse_existing(adapter_dir, force)
-    train_rows, val_rows = read_all(config.train_files), read_all(config.validation_files)
+    train_rows = read_all(config.train_files, config.objective)
+    val_rows = read_all(config.validation_files, config.objective)
     tokenizer = load_chat_model(settings, tokenizer_only=True).tokenizer  # no weights to count tokens
     train_lengths = check_lengths(tokenizer, train_rows, config.max_length)
     check_lengths(tokenizer, val_rows, config.max_length)
@@ -214,7 +244,8 @@ def train(
         r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
         target_modules=list(config.lora.target_modules), bias="none", task_type="CAUSAL_LM",
     )
-    args = SFTConfig(
+    # What every objective's trainer shares (TRL's configs all extend TrainingArguments).
+    shared = dict(
         output_dir=str(checkpoints),
         use_cpu=not on_gpu, bf16=False, fp16=False, activation_checkpointing=False,
         per_device_train_batch_size=config.batch_size,
@@ -227,9 +258,6 @@ def train(
         warmup_steps=config.warmup,  # a float below 1 is a share of the steps
         weight_decay=config.weight_decay,
         max_length=config.max_length,
-        completion_only_loss=True,
-        packing=False,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         eval_strategy="epoch",
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
         logging_steps=config.logging_steps, logging_first_step=True,
@@ -238,26 +266,32 @@ def train(
         report_to="none", disable_tqdm=not progress,
         dataloader_num_workers=0, dataloader_pin_memory=False,
     )
+
     def as_dataset(rows: list[Example]) -> Dataset:
-        # Only the two columns TRL reads; prepare's bookkeeping fields stay behind.
-        return Dataset.from_list([{"prompt": r.prompt, "completion": r.completion} for r in rows])
+        # Only the columns TRL reads; prepare's bookkeeping fields stay behind.
+        return Dataset.from_list([r.as_row(config.objective) for r in rows])
 
     meter = _throughput_meter()
-    trainer = SFTTrainer(
-        model=chat.model, args=args, train_dataset=as_dataset(train_rows), eval_dataset=as_dataset(val_rows),
-        processing_class=chat.tokenizer, peft_config=lora, callbacks=[meter, *(callbacks or [])],
+    trainer = make_trainer(
+        config, chat, shared, as_dataset(train_rows), as_dataset(val_rows), lora, [meter, *(callbacks or [])],
     )
+    base_loss = None
+    if config.objective != "sft":
+        # Before the first step the LoRA update is zero: this is the base model (see the docstring, 4.).
+        base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     output = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     history = list(trainer.state.log_history)
     evals = [h for h in history if "eval_loss" in h]
     # The end of the last epoch was just evaluated; evaluate again only if training stopped mid-epoch.
     if evals and evals[-1]["step"] == trainer.state.global_step:
-        adapter_loss = evals[-1]["eval_loss"]
+        final_eval = evals[-1]
     else:
-        adapter_loss = trainer.evaluate()["eval_loss"]
-    with trainer.model.disable_adapter():
-        base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+        final_eval = trainer.evaluate()
+    adapter_loss = final_eval["eval_loss"]
+    if base_loss is None:
+        with trainer.model.disable_adapter():
+            base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
     # Evaluation inside trainer.train() is not training: keep it out of tokens per second.
     eval_seconds = sum(h.get("eval_runtime", 0.0) for h in evals if h["step"] > meter.start_step)
     train_seconds = max(meter.seconds - eval_seconds, 1e-9)
@@ -283,7 +317,13 @@ def train(
         "eval_in_training_s": round(eval_seconds, 1),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "objective": config.objective,
     }
+    if config.objective != "sft":
+        # Held-out rewards: how much more likely the adapter makes liked answers than the base does
+        # (rewards/chosen > 0) and disliked ones less (rewards/rejected < 0); margins is their gap.
+        metrics["validation_rewards"] = {k.removeprefix("eval_"): round(v, 4) for k, v in sorted(final_eval.items())
+                                         if k.startswith(("eval_rewards/", "eval_kl"))}
 
     with staged_dir(adapter_dir, force) as staging:
         save_adapter(trainer.model, chat.tokenizer, chat.base_name, staging)
@@ -291,7 +331,9 @@ def train(
         (staging / "train_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         write_json(staging / "data_fingerprint.json", fingerprint)
         adapter_settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"adapter": str(staging)})})
-        metrics["generation_check"] = generation_check(adapter_settings, val_rows[: config.check_examples])
+        # A disliked answer is no model of what to say: the check prompts with liked ones where there are any.
+        check_rows = [r for r in val_rows if r.label is not False] or val_rows
+        metrics["generation_check"] = generation_check(adapter_settings, check_rows[: config.check_examples])
         metrics["adapter_mb"] = round(sum(f.stat().st_size for f in staging.glob("adapter_model.*")) / 2**20, 2)
         metrics["total_wall_s"] = round(time.perf_counter() - started, 1)
         write_json(staging / "metrics.json", metrics)
@@ -300,6 +342,34 @@ def train(
              adapter_dir, metrics["adapter_val_loss"], metrics["base_val_loss"], metrics["tokens_per_s"],
              metrics["train_wall_s"])
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics)
+
+
+def make_trainer(
+    config: TrainConfig, chat: Any, shared: dict[str, Any], train_data: Any, eval_data: Any, lora: Any,
+    callbacks: list["TrainerCallback"],
+) -> Any:
+    """The objective's TRL trainer over the base model with a fresh LoRA adapter."""
+    common = dict(model=chat.model, train_dataset=train_data, eval_dataset=eval_data, processing_class=chat.tokenizer,
+                  peft_config=lora, callbacks=callbacks)
+    sampling = "group_by_length" if config.group_by_length else "random"
+    if config.objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(
+            **shared, beta=config.preference.beta, desirable_weight=config.preference.desirable_weight,
+            undesirable_weight=config.preference.undesirable_weight,
+            train_sampling_strategy="sequential",  # the KL estimate pairs neighbours (prepare shuffled them)
+        )
+        return KTOTrainer(args=args, **common)
+    if config.objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer(args=DPOConfig(**shared, beta=config.preference.beta, train_sampling_strategy=sampling),
+                          **common)
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**shared, completion_only_loss=True, packing=False, train_sampling_strategy=sampling)
+    return SFTTrainer(args=args, **common)
 
 
 def save_adapter(model: Any, tokenizer: "PreTrainedTokenizerBase", base_name: str, folder: Path) -> None:

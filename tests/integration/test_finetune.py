@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from core.hub import ModelUnavailableError
 from core.llm import load_chat_model
@@ -318,3 +319,159 @@ def test_embedding_finetune_reports_recall_before_and_after(index, embedder, dem
     loaded = load_embedder(EmbeddingSettings(model=str(result.out)))
     assert loaded.info.dimension == embedder.info.dimension and loaded.info.name == str(result.out)
     assert json.loads((result.out / "metrics.json").read_text())["name"] == "tiny-abbrev"
+
+
+# -- feedback: the chat's thumbs up and down as training data ---------------------------------
+DOSE_CHUNK = {"n": 1, "title": "Cardivexin", "source": "data/demo/monographs/cardivexin.md", "score": 0.81,
+              "text": "Cardivexin starts at 10 mg once daily, taken in the morning.", "page": None,
+              "section": "Dosing", "cited": True}
+
+
+@pytest.fixture(scope="module")
+def feedback_history(tmp_path_factory: pytest.TempPathFactory):
+    """A real chat history, filled through ChatMemory's API as the chat chain fills it."""
+    from chatbot.chain import NO_ADAPTER
+    from chatbot.memory import ChatMemory
+
+    memory = ChatMemory(tmp_path_factory.mktemp("feedback") / "chat.sqlite3")
+    made: dict[str, int] = {}
+
+    def conversation(owner: str, *turns: tuple[str, str, str, int | None]) -> str:
+        conversation_id = memory.create(owner)
+        for question, answer, mode, feedback in turns:
+            memory.append(owner, conversation_id, "user", question, mode=mode)
+            sources = [DOSE_CHUNK] if mode in ("rag", "hybrid") and answer != NOT_COVERED else []
+            message_id = memory.append(owner, conversation_id, "assistant", answer, mode=mode, sources=sources)
+            if feedback is not None:
+                assert memory.set_feedback(owner, message_id, feedback)
+            made[answer] = message_id
+        return conversation_id
+
+    alice = "user:alice"  # opted in
+    conversation(alice, ("What colour is the staff badge?", "Teal.", "base", 1),
+                 ("And the visitor badge?", "Blue, always blue.", "base", -1))
+    conversation(alice, ("What is the starting dose of Cardivexin?", "10 mg once daily [1].", "rag", 1),
+                 ("Unrated follow-up?", "No thumbs here.", "rag", None))
+    conversation(alice, ("Which extension reaches Security?", "Extension 2500.", "finetuned", 1),
+                 ("Who approves Quorivelle after 72 hours?", "Anyone on the ward.", "finetuned", -1))
+    conversation(alice, ("Is there a nursery on site?", NOT_COVERED, "rag", 1))  # the chain's own reply
+    conversation(alice, ("Adapter?", NO_ADAPTER.format(mode="hybrid"), "hybrid", 1))  # likewise
+    conversation("user:bob",  # opted in; the same first question as alice, disliked: a DPO pair
+                 ("What colour is the staff badge?", "Red and gold.", "base", -1),
+                 ("When does the pharmacy close on Sundays?", "At 16:00.", "base", 1))
+    conversation("user:carol", ("Not opted in?", "Then not trained on.", "base", 1))
+    conversation("user:dave", ("Excluded?", "Dave is a test account.", "base", -1))
+    return memory, made
+
+
+@pytest.fixture(scope="module")
+def feedback_data(session_data_dir: Path, feedback_history, tmp_path_factory: pytest.TempPathFactory):
+    """prepare --from-feedback through the command line, with one user excluded there."""
+    from finetune.cli import main
+
+    memory, made = feedback_history
+    folder = tmp_path_factory.mktemp("feedback-data")
+    settings_file = folder / "settings.yaml"
+    settings_file.write_text(
+        f"data_dir: {session_data_dir}\nchat: {{history_db: {memory.path}}}\n"
+        "feedback: {train_on: opted_in, opted_in_owners: [alice, 'user:bob', dave]}\n")
+    code = main(["prepare", "--from-feedback", "--out", str(folder / "out"), "--settings", str(settings_file),
+                 "--exclude-user", "dave", "--val-share", "0.25", "--seed", "1", "--no-progress"])
+    assert code == 0
+    return folder / "out", settings_file, memory, made
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prepare_from_feedback_keeps_opted_in_answers_in_the_chat_format(feedback_data) -> None:
+    out, _, memory, made = feedback_data
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == {"excluded": 1, "not_generated": 2, "not_opted_in": 1}
+    assert summary["rated_answers"] == {"all": 11, "liked": 7, "disliked": 4, "used": 7}
+    assert set(summary["by_owner"]) == {"user:alice", "user:bob"}
+    assert summary["by_owner"]["user:alice"] == {"liked": 3, "disliked": 2, "sft": 3, "kto": 5, "dpo": 1}
+    assert summary["by_owner"]["user:bob"]["kto"] == 2 and summary["by_owner"]["user:bob"]["dpo"] == 1
+
+    kto = {r["message_id"]: r for split in ("train", "validation") for r in read_rows(out / "kto" / f"{split}.jsonl")}
+    assert set(kto) == {made[a] for a in ("Teal.", "Blue, always blue.", "10 mg once daily [1].", "Extension 2500.",
+                                           "Anyone on the ward.", "Red and gold.", "At 16:00.")}
+    assert kto[made["Red and gold."]]["label"] is False and kto[made["Teal."]]["label"] is True
+    # Every prompt is the chain's: the mode's system prompt, its chunks, the earlier turns.
+    followup = kto[made["Blue, always blue."]]
+    assert followup["prompt"] == build_messages("And the visitor badge?", None,
+                                                [("What colour is the staff badge?", "Teal.")])
+    rag = kto[made["10 mg once daily [1]."]]
+    assert rag["prompt"][0]["content"] == SYSTEM_WITH_DOCUMENTS and rag["sources"] == [DOSE_CHUNK["source"]]
+    assert '<document n="1" title="Cardivexin, Dosing">' in rag["prompt"][-1]["content"]
+    sft = [r for split in ("train", "validation") for r in read_rows(out / "sft" / f"{split}.jsonl")]
+    assert sorted(r["completion"][0]["content"] for r in sft) == sorted(
+        ["Teal.", "10 mg once daily [1].", "Extension 2500.", "At 16:00."])
+    assert all(set(r) >= {"prompt", "completion", "id", "conversation_id"} and "label" not in r for r in sft)
+
+    (pair,) = [r for split in ("train", "validation") for r in read_rows(out / "dpo" / f"{split}.jsonl")]
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Teal.", "Red and gold.")
+    assert pair["prompt"] == build_messages("What colour is the staff badge?", None)
+    side = {split: {r["message_id"] for r in read_rows(out / "kto" / f"{split}.jsonl")} for split in ("train", "validation")}
+    pair_side = [s for s in side if made["Teal."] in side[s]]
+    assert made["Red and gold."] in side[pair_side[0]]  # a pair and its KTO halves share a split
+    assert summary["records"]["validation"] >= 1 and summary["records"]["train"] >= 4
+    for conversation, counts in summary["by_conversation"].items():
+        assert counts["owner"] in ("user:alice", "user:bob") and counts["kto"] >= 1, conversation
+
+
+def test_prepare_from_feedback_is_deterministic_and_obeys_the_policy(feedback_data, tmp_path: Path) -> None:
+    from finetune.feedback import FeedbackOptions, prepare_feedback
+
+    out, settings_file, memory, made = feedback_data
+    settings = load_settings(settings_file)
+    again = prepare_feedback(settings, tmp_path / "again", FeedbackOptions(val_share=0.25, seed=1, exclude_owners=["dave"]))
+    for name in ("sft/train.jsonl", "kto/train.jsonl", "kto/validation.jsonl", "dpo/train.jsonl", "summary.json"):
+        assert (again.out / name).read_bytes() == (out / name).read_bytes(), name
+    everyone = settings.model_copy(update={"feedback": settings.feedback.model_copy(update={"train_on": "all"})})
+    widened = prepare_feedback(everyone, tmp_path / "all", FeedbackOptions(exclude_owners=["dave"]))
+    assert widened.summary["rated_answers"]["used"] == 8 and "not_opted_in" not in widened.summary["skipped"]
+    assert set(widened.summary["by_owner"]) == {"user:alice", "user:bob", "user:carol"}
+    nobody = everyone.model_copy(update={"feedback": everyone.feedback.model_copy(
+        update={"excluded_owners": ["alice", "user:bob", "carol", "dave"]})})
+    with pytest.raises(InputError, match="none of the 11 rated answers may be trained on .*excluded 11"):
+        prepare_feedback(nobody, tmp_path / "none", FeedbackOptions())
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture(scope="module")
+def kto_trained(session_data_dir: Path, feedback_data):
+    out = feedback_data[0]
+    settings = make_settings(session_data_dir, llm={"max_new_tokens": 16})
+    config = TrainConfig(
+        name="tiny-kto", objective="kto", train_files=[out / "kto" / "train.jsonl"],
+        validation_files=[out / "kto" / "validation.jsonl"], lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+        learning_rate=5e-4, lr_scheduler="constant", warmup=0.0, batch_size=2, gradient_accumulation=1,
+        eval_batch_size=2, group_by_length=False, max_length=512, max_steps=2, save_steps=2, logging_steps=1,
+        check_examples=1,
+    )
+    watcher = WeightWatcher()
+    return settings, train(config, settings, progress=False, callbacks=[watcher]), watcher
+
+
+def test_kto_on_feedback_trains_an_adapter_the_chat_loads(kto_trained) -> None:
+    settings, result, watcher = kto_trained
+    lora_b = {n for n in watcher.lora if "lora_B" in n}
+    assert lora_b and lora_b <= watcher.changed  # B starts at zero; KTO moved every one
+    assert watcher.changed <= watcher.lora, sorted(watcher.changed - watcher.lora)[:5]
+    metrics = json.loads((result.adapter_dir / "metrics.json").read_text())
+    assert metrics["objective"] == "kto" and metrics["steps"] == 2 and len(metrics["train_loss_history"]) == 2
+    assert {"rewards/chosen", "kl"} <= set(metrics["validation_rewards"])
+    assert 0 < metrics["base_val_loss"] < 1 and 0 < metrics["adapter_val_loss"] < 1  # KTO's loss lies in (0, 1)
+    validation = read_rows(Path(yaml.safe_load((result.adapter_dir / "train_config.yaml").read_text())
+                                ["validation_files"][0]))
+    liked = [r["completion"][0]["content"] for r in validation if r["label"]]
+    (sample,) = metrics["generation_check"]["samples"]  # the adapter answered a held-out prompt...
+    assert sample["output"] and sample["expected"] in (liked or [sample["expected"]])  # ...a liked one where any
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "data_fingerprint.json"} <= {
+        f.name for f in result.adapter_dir.iterdir()}
+    adapted = settings.model_copy(update={"llm": settings.llm.model_copy(update={"adapter": str(result.adapter_dir)})})
+    chat = load_chat_model(adapted)
+    assert chat.adapter_path == result.adapter_dir
+    assert any("lora_B" in name and p.abs().sum() > 0 for name, p in chat.model.named_parameters())

@@ -1,4 +1,4 @@
-"""Fine-tuning without models: Q/A validation, splits, RAFT assembly, configs, output folders."""
+"""Fine-tuning without models: splits, RAFT assembly, configs, output folders (Q/A records: test_qa.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from finetune.data import (
     split_records,
 )
 from finetune.files import InputError, OutputExistsError, staged_dir
-from finetune.qa import QARecord, check_disjoint, load_qa
+from core.qa import QARecord
 from finetune.train import read_examples
 from tests.conftest import DEMO, PUBMEDQA, REPO
 
@@ -31,61 +31,6 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def qa(record_id: str, **fields) -> str:
     return json.dumps({"id": record_id, "question": f"Question {record_id}?", "answer": f"Answer {record_id}.",
                        "gold_doc": f"docs/{record_id}.md", **fields})
-
-
-# -- Q/A records ------------------------------------------------------------------------------
-def test_bad_qa_lines_are_all_reported_with_file_and_line(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "qa.jsonl", [
-        qa("a"),
-        '{"id": "b", "question": "Broken?", ',                              # 2: malformed JSON
-        json.dumps({"id": "c", "answer": "No question."}),                 # 3: missing field
-        json.dumps({"id": "d", "question": "Empty?", "answer": "  ", "gold_doc": "x.md"}),  # 4: empty answer
-        qa("a"),                                                           # 5: duplicate id
-        json.dumps({"id": "f", "question": "Typo?", "answer": "x", "type": "factoid"}),     # 6: unknown type
-        "[1, 2]",                                                          # 7: not an object
-    ])
-    with pytest.raises(InputError) as caught:
-        load_qa(path)
-    message = str(caught.value)
-    for line, words in [(2, "not valid JSON"), (3, "'question'"), (4, "'answer' is empty"), (5, "duplicate id"),
-                        (6, "'type'"), (7, "JSON object")]:
-        assert f"{path}:{line}: " in message and words in message, (line, message)
-    assert f"{path}:1:" not in message
-
-
-def test_missing_or_empty_qa_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no such Q/A file"):
-        load_qa(tmp_path / "absent.jsonl")
-    with pytest.raises(InputError, match="no Q/A records"):
-        load_qa(write_lines(tmp_path / "empty.jsonl", [""]))
-
-
-def test_pubmedqa_records_put_the_label_first() -> None:
-    lines = (PUBMEDQA / "dev.jsonl").read_text().splitlines()[:3]
-    records = [QARecord.model_validate(json.loads(line)) for line in lines]
-    for record in records:
-        assert not record.gold_by_source and not record.unanswerable
-        label = record.answer.capitalize() + ". "
-        assert record.answer_text().startswith(label) and record.answer_text().endswith(record.long_answer)
-
-
-def test_demo_records_know_unanswerable_and_followups(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "qa.jsonl", [
-        json.dumps({"id": 1, "question": "Unknown?", "answer": "", "gold_doc": None, "type": "unanswerable"}),
-        qa("2", conversation_id="c", turn=1),
-        qa("3", conversation_id="c", turn=2, type="followup"),
-    ])
-    first, opener, followup = load_qa(path)
-    assert first.id == "1" and first.unanswerable and first.where == f"{path}:1"
-    assert not opener.followup and followup.followup
-    assert sft_example(first, [])["completion"][0]["content"] == NOT_COVERED
-
-
-def test_train_and_validation_files_must_not_share_questions(tmp_path: Path) -> None:
-    train = load_qa(write_lines(tmp_path / "t.jsonl", [qa("a"), qa("b")]))
-    validation = load_qa(write_lines(tmp_path / "v.jsonl", [qa("b"), qa("c")]))
-    with pytest.raises(InputError, match=r"v.jsonl:1: id 'b' is also in the training file"):
-        check_disjoint(train, validation)
 
 
 # -- splits and RAFT assembly -------------------------------------------------------------------
@@ -133,7 +78,7 @@ class FakePassages:
 
 def test_raft_shares_citations_and_prompts_follow_the_config() -> None:
     answerable = records(40)
-    unanswerable = records(5, type="unanswerable")
+    unanswerable = records(5, type="unanswerable", gold_doc=None)
     for i, record in enumerate(unanswerable):
         record.id = f"u{i}"
     items = answerable + unanswerable
@@ -243,6 +188,40 @@ def test_prepared_files_are_checked_line_by_line(tmp_path: Path) -> None:
         read_examples(path)
 
 
+def test_preference_files_and_configs_are_checked_for_their_objective(tmp_path: Path) -> None:
+    prompt = build_messages("Q?", None)
+    answer = [{"role": "assistant", "content": "A."}]
+    kto = write_lines(tmp_path / "kto.jsonl", [
+        json.dumps({"prompt": prompt, "completion": answer, "label": False, "id": "fb-1"}),
+        json.dumps({"prompt": prompt, "completion": answer, "label": "yes"}),
+        json.dumps({"prompt": prompt, "completion": answer}),
+    ])
+    with pytest.raises(InputError) as caught:
+        read_examples(kto, "kto")
+    assert f"{kto}:2: 'label' must be true" in str(caught.value) and f"{kto}:3:" in str(caught.value)
+    assert f"{kto}:1:" not in str(caught.value)
+    dpo = write_lines(tmp_path / "dpo.jsonl", [
+        json.dumps({"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": "B."}]}),
+        json.dumps({"prompt": prompt, "chosen": answer}),
+        json.dumps({"prompt": prompt, "chosen": answer, "rejected": answer + answer}),
+    ])
+    with pytest.raises(InputError) as caught:
+        read_examples(dpo, "dpo")
+    assert f"{dpo}:2: expected" in str(caught.value) and "'rejected': [assistant message]" in str(caught.value)
+    assert f"{dpo}:3: the rejected must be exactly one assistant message" in str(caught.value)
+    (pair,) = read_examples(write_lines(tmp_path / "one.jsonl", [json.dumps(json.loads(dpo.read_text().splitlines()[0]))]), "dpo")
+    assert pair.as_row("dpo") == {"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": "B."}]}
+
+    for config in ("feedback.yaml", "feedback-dpo.yaml"):
+        loaded = load_train_config(REPO / "finetune" / "configs" / config)
+        assert loaded.objective in ("kto", "dpo") and f"/{loaded.objective}/" in str(loaded.train_files[0])
+    feedback = REPO / "finetune" / "configs" / "feedback.yaml"
+    with pytest.raises(SettingsError, match="batch_size 2 or more"):
+        load_train_config(feedback, {"batch_size": 1})
+    with pytest.raises(SettingsError, match="group_by_length: false"):
+        load_train_config(feedback, {"group_by_length": True})
+
+
 # -- output folders -----------------------------------------------------------------------------
 def test_outputs_appear_whole_or_not_at_all(tmp_path: Path) -> None:
     target = tmp_path / "out"
@@ -295,6 +274,7 @@ def test_help_shows_copy_paste_examples(capsys: pytest.CaptureFixture[str]) -> N
     assert exited.value.code == 0
     text = capsys.readouterr().out
     for command in ("python -m finetune prepare --qa", "python -m finetune train --config finetune/configs/demo.yaml",
+                    "python -m finetune prepare --from-feedback", "python -m finetune train --config finetune/configs/feedback.yaml",
                     "python -m finetune merge demo", "python -m finetune embeddings --qa"):
         assert command in text
     for sub in ("prepare", "train", "merge", "embeddings"):
@@ -309,4 +289,14 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytes
     bad = write_lines(tmp_path / "qa.jsonl", ['{"id": 1, "question": "x"'])
     code = main(["prepare", "--qa", str(bad), "--out", str(tmp_path / "out"), "--set", f"data_dir={tmp_path}"])
     assert code == 2 and f"{bad}:1: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    out = ["--out", str(tmp_path / "out"), "--set", f"data_dir={tmp_path}"]
+    assert main(["prepare", "--from-feedback", "--val-qa", str(bad), *out]) == 2
+    assert "--val-qa: not used with --from-feedback" in capsys.readouterr().err
+    assert main(["prepare", "--qa", str(bad), "--exclude-user", "alice", *out]) == 2
+    assert "--exclude-user applies to --from-feedback only" in capsys.readouterr().err
+    assert main(["prepare", "--from-feedback", *out]) == 2  # no chat history in this data_dir
+    assert f"{tmp_path / 'chat.sqlite3'}: no chat history" in capsys.readouterr().err
+    assert main(["prepare", "--from-feedback", *out, "--set", "feedback.train_on=none"]) == 2
+    assert "feedback.train_on is 'none'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

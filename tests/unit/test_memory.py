@@ -39,3 +39,25 @@ def test_owners_are_isolated(tmp_path: Path) -> None:
     assert memory.list("bob") == []
     assert [m.content for m in memory.messages("alice", alices)] == ["secret question", "secret answer"]
     assert memory.messages("alice", alices)[1].feedback is None
+
+
+def test_rated_answers_come_with_their_question_history_and_sources(tmp_path: Path) -> None:
+    memory = ChatMemory(tmp_path / "chat.sqlite3")
+    alices = memory.create("user:alice")
+    memory.append("user:alice", alices, "user", "What is HTN?", mode="rag")
+    first = memory.append("user:alice", alices, "assistant", "Hypertension [1].", mode="rag",
+                          sources=[{"n": 1, "title": "Glossary", "source": "g.md", "text": "HTN: hypertension"}])
+    memory.append("user:alice", alices, "user", "And T2DM?", mode="base")
+    second = memory.append("user:alice", alices, "assistant", "Type 2 diabetes.", mode="base")
+    bobs = memory.create("browser:b0b")
+    memory.append("browser:b0b", bobs, "user", "Unrated?")
+    memory.append("browser:b0b", bobs, "assistant", "Nobody rated this.")
+    assert memory.set_feedback("user:alice", second, -1) and memory.set_feedback("user:alice", first, 1)
+
+    rated = memory.rated_answers()
+    assert [(r.message_id, r.feedback, r.owner) for r in rated] == [(first, 1, "user:alice"), (second, -1, "user:alice")]
+    assert (rated[0].question, rated[0].history, rated[0].sources[0]["source"]) == ("What is HTN?", [], "g.md")
+    assert (rated[1].question, rated[1].mode) == ("And T2DM?", "base")
+    assert rated[1].history == [("What is HTN?", "Hypertension [1].")] == memory.turns("user:alice", alices)[:1]
+    memory.set_feedback("user:alice", first, None)  # a cleared thumb is no feedback
+    assert [r.message_id for r in memory.rated_answers()] == [second]
