@@ -67,17 +67,23 @@ def ask(page, question: str, mode: str) -> None:
     page.locator("#question textarea").fill(question)
     page.locator("#send").click()
     page.locator("#chat .message").nth(1).wait_for(timeout=180_000)
-    page.locator("#question textarea:not([disabled])").wait_for(timeout=180_000)
-    page.wait_for_timeout(1500)  # the last streamed update and the sources panel
 
 
-def past_conversations(page) -> list[str]:
-    page.locator("#past input").click()
-    options = page.get_by_role("option")
-    options.first.wait_for(timeout=30_000)
-    titles = [t.strip() for t in options.all_inner_texts()]
-    page.keyboard.press("Escape")
-    return titles
+def past_conversations(page, expected: int) -> list[str]:
+    """The titles in the Past conversations list, once it holds ``expected`` of them."""
+    deadline = time.time() + 180
+    while True:
+        page.locator("#past input").click()
+        options = page.locator("#past").get_by_role("option")
+        try:
+            options.nth(expected - 1).wait_for(timeout=3000)
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: not there yet
+            pass
+        titles = [options.nth(i).get_attribute("aria-label") or "" for i in range(options.count())]
+        page.keyboard.press("Escape")
+        if len(titles) >= expected or time.time() > deadline:
+            return titles
+        page.wait_for_timeout(1000)  # the list is updated when the answer is complete
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -111,14 +117,14 @@ def test_poisoned_sources_fetch_nothing_and_conversations_survive_a_restart(tmp_
 
             page.locator("#new").click()
             ask(page, "What does HTN mean?", "base")
-            before = past_conversations(page)
+            before = past_conversations(page, expected=2)
             assert len(before) == 2, before
 
             stop(process)
             process = start(tmp_path, session_data_dir, port, env)
             page.reload()
             page.locator("#question textarea:not([disabled])").wait_for(timeout=120_000)
-            assert sorted(past_conversations(page)) == sorted(before)  # the same browser, the same user
+            assert sorted(past_conversations(page, expected=2)) == sorted(before)  # the same browser, the same user
             browser.close()
     finally:
         other.shutdown()
