@@ -100,6 +100,7 @@ def _ask(client, question: str, mode: str, timeout: float) -> tuple[str, float, 
 
 
 def run(args: argparse.Namespace) -> list[GroupResult]:
+    import httpx
     from gradio_client import Client
 
     users = GroupResult("users")
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> list[GroupResult]:
     start = threading.Barrier(args.users)
 
     def user(index: int) -> None:
-        client = Client(args.url, verbose=False)
+        # httpx's 5 s default would count a slow join on a loaded server as a failure; the
+        # answer stream itself is kept alive by Gradio's heartbeats.
+        client = Client(args.url, verbose=False, httpx_kwargs={"timeout": httpx.Timeout(120.0)})
         flooding = index < args.flooders
         start.wait()  # all connected, then all at once
         if flooding:
