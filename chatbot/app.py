@@ -1,16 +1,32 @@
 """The web app: FastAPI with the Gradio chat mounted at ``/`` and ``/healthz`` beside it.
 
-The UI is thin: callbacks translate between Gradio components and the chain / memory / ingest
-services, and hold no business logic. Every callback takes the user's identity from
-``identity()``: a random id kept in the browser's localStorage (gr.BrowserState), so a person's
-past conversations reopen after a reload and nobody else's are ever listed or readable.
+The UI is thin: callbacks translate between Gradio components and the services (chain,
+memory, identities, limits, uploads) and hold no business logic.
+
+What a client sends is never trusted to name anything on the server (docs/security.md):
+
+- The chat is shown from the server's memory by conversation id; the Chatbot's value is an
+  output only, never an input, so a client's copy of the history cannot be turned into file
+  reads. Every event's inputs are plain values that are validated (question, mode, browser id);
+  conversation ids and message ids are server-side ``gr.State``.
+- Gradio's own check of client-supplied file paths runs only for a Blocks that has "launched",
+  which ``mount_gradio_app`` never marks: ``create_app`` does, so a path in any input is refused
+  unless Gradio received that file in an upload. The upload event also accepts only files in
+  Gradio's record of received uploads.
+- Identity: the signed-in user, else a browser id minted and signed by this server, kept in the
+  browser (gr.BrowserState, key derived from the persistent secret: it survives restarts).
+  The question box opens only once the page's load event has given the browser its id, so no
+  question is ever stored under a throw-away id; an API client without one gets one minted,
+  returned in the outputs and kept for its session.
+- Each question passes the rate limits before it may take a queue slot (the chat event's
+  validator); the REST route that would skip the queue is closed (``api_open=False``).
 """
 
 # No ``from __future__ import annotations`` here: Gradio reads gr.Request / gr.LikeData from
 # the callbacks' real annotations to inject them.
 import logging
-import shutil
-import uuid
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +34,9 @@ import gradio as gr
 from fastapi import FastAPI
 
 from chatbot.chain import MODES, Answer, InvalidQuestion
-from chatbot.memory import ConversationNotFound
-from chatbot.render import safe_markdown, sources_markdown
+from chatbot.limits import RateLimited
+from chatbot.memory import INTERRUPTED, INTERRUPTED_TEXT, ConversationNotFound
+from chatbot.render import render_list, render_markdown, render_plain, render_sources
 from chatbot.web import IDENTITY_HEADER, AccessMiddleware
 
 if TYPE_CHECKING:
@@ -27,17 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def identity(browser_id: str | None, request: gr.Request | None) -> str:
-    """Who is asking: the signed-in user (set by AccessMiddleware, never by the client), else
-    this browser's random id, else (an API client has no browser storage) its Gradio session."""
+
+def signed_in_user(request: gr.Request | None) -> str | None:
+    """The user AccessMiddleware established (a client's own header of that name is deleted)."""
     headers = getattr(request, "headers", None) if request is not None else None
-    user = headers.get(IDENTITY_HEADER) if headers is not None else None
-    if user:
-        return f"user:{user}"
-    if browser_id:
-        return f"browser:{browser_id}"
-    session = getattr(request, "session_hash", None) if request is not None else None
-    return f"session:{session or uuid.uuid4().hex}"
+    return (headers.get(IDENTITY_HEADER) if headers is not None else None) or None
 
 
 def opening_mode(configured: str, has_adapter: bool) -> str:
@@ -47,101 +58,176 @@ def opening_mode(configured: str, has_adapter: bool) -> str:
     return configured
 
 
+def recover_after_restart(runtime: "Runtime") -> None:
+    """At start: mark answers a stop interrupted, finish or roll back interrupted uploads."""
+    marked = runtime.memory.mark_interrupted(before=time.time())
+    if marked:
+        log.warning("%d answers were interrupted by the last stop; they are marked as such", marked)
+    for line in runtime.uploads.recover():
+        log.warning("upload recovery: %s", line)
+
+
 def build_blocks(runtime: "Runtime") -> gr.Blocks:
     settings = runtime.settings
-    chain, memory = runtime.chain, runtime.memory
+    chain, memory, identities, limiter = runtime.chain, runtime.memory, runtime.identities, runtime.limiter
     default_mode = opening_mode(settings.chat.default_mode, chain.models.has_adapter)
+    uploads_offered = settings.server.auth != "none" or settings.chat.anonymous_uploads
 
+    # -- identity ------------------------------------------------------------------------------
+    def known_identity(token: Any, session_token: Any, request: gr.Request | None) -> tuple[str | None, str | None]:
+        """(owner, browser id) from what is already established, without minting."""
+        for candidate in (token, session_token):
+            if identities.browser_owner(candidate):
+                return identities.owner(signed_in_user(request), candidate), candidate
+        return identities.owner(signed_in_user(request), None), None
+
+    def identity(token: Any, session_token: Any, request: gr.Request | None) -> tuple[str, str]:
+        owner, token = known_identity(token, session_token, request)
+        if token is None:
+            token = identities.mint()
+            owner = owner or identities.owner(None, token)
+        assert owner is not None
+        return owner, token
+
+    def limit_keys(token: Any, session_token: Any, request: gr.Request | None) -> list[str]:
+        owner, _ = known_identity(token, session_token, request)
+        session = getattr(request, "session_hash", None)
+        return [k for k in (owner, f"session:{session}" if session else None) if k]
+
+    # -- views from memory ---------------------------------------------------------------------
     def conversation_choices(owner: str) -> list[tuple[str, str]]:
         return [(c.title, c.id) for c in memory.list(owner)]
 
-    def history_for_ui(owner: str, conversation_id: str) -> tuple[list[dict], list[int | None], str]:
-        messages = memory.messages(owner, conversation_id)
-        chat = [{"role": m.role, "content": safe_markdown(m.content)} for m in messages]
-        ids = [m.id if m.role == "assistant" else None for m in messages]
-        last = next((m for m in reversed(messages) if m.role == "assistant"), None)
-        return chat, ids, sources_markdown(last.sources) if last else ""
+    def conversation_view(owner: str, conversation_id: str) -> tuple[list[dict], list[int | None], str]:
+        chat: list[dict] = []
+        ids: list[int | None] = []
+        last_sources: list[dict] | None = None
+        for m in memory.messages(owner, conversation_id):
+            if m.role == "assistant" and m.status == INTERRUPTED:
+                chat.append({"role": "assistant", "content": render_plain(f"⚠ {m.content}")})
+                ids.append(None)
+                continue
+            chat.append({"role": m.role, "content": render_markdown(m.content)})
+            ids.append(m.id if m.role == "assistant" else None)
+            if m.role == "assistant":
+                last_sources = m.sources
+            elif m.status == INTERRUPTED:  # a question whose answer a stop cut off, asked again later
+                chat.append({"role": "assistant", "content": render_plain(f"⚠ {INTERRUPTED_TEXT}")})
+                ids.append(None)
+        return chat, ids, render_sources(last_sources) if last_sources is not None else ""
 
-    def on_load(browser_id: str | None, request: gr.Request):
-        browser_id = browser_id or uuid.uuid4().hex
-        owner = identity(browser_id, request)
-        return browser_id, gr.update(choices=conversation_choices(owner), value=None)
+    # -- events --------------------------------------------------------------------------------
+    def on_load(token: Any, session_token: Any, request: gr.Request):
+        owner, token = identity(token, session_token, request)
+        ready = gr.update(interactive=True)
+        return (token, token, gr.update(choices=conversation_choices(owner), value=None),
+                gr.update(interactive=True, placeholder="Ask about the documents…"), ready)
 
-    def on_submit(question: str, mode: str, conversation_id: str | None, chat: list[dict],
-                  ids: list[int | None], browser_id: str | None, request: gr.Request):
-        owner = identity(browser_id, request)
-        chat = list(chat or [])
-        ids = list(ids or [])
+    def admit_question(question: Any, mode: Any, conversation_id: Any, token: Any, session_token: Any,
+                       request: gr.Request):
+        """Runs before the question may enter the queue: bad input and rate limits are refused here."""
+        fine = gr.validate(True, "")
         try:
-            stream = chain.stream(question, owner=owner, conversation_id=conversation_id, mode=mode)
+            chain.validate(question)
+        except InvalidQuestion as refusal:
+            return [gr.validate(False, str(refusal)), fine, fine, fine, fine]
+        if mode not in MODES:
+            return [fine, gr.validate(False, f"Choose one of {', '.join(MODES)}."), fine, fine, fine]
+        try:
+            limiter.admit(limit_keys(token, session_token, request))
+        except RateLimited as wait:
+            return [gr.validate(False, str(wait)), fine, fine, fine, fine]
+        return [fine] * 5
+
+    def on_submit(question: str, mode: str, conversation_id: str | None, token: Any, session_token: Any,
+                  request: gr.Request):
+        keys = limit_keys(token, session_token, request)
+        try:
+            yield from answer_question(question, mode, conversation_id, token, session_token, request)
+        finally:
+            limiter.release(keys)
+
+    def answer_question(question, mode, conversation_id, token, session_token, request):
+        owner, token = identity(token, session_token, request)
+        if conversation_id and memory.exists(owner, conversation_id):
+            chat, ids, _ = conversation_view(owner, conversation_id)
+        else:
+            conversation_id, chat, ids = None, [], []
+        try:
+            text = chain.validate(question)
+            stream = chain.stream(text, owner=owner, conversation_id=conversation_id, mode=mode)
             first = next(stream)
         except InvalidQuestion as refusal:
             gr.Warning(str(refusal))
-            yield question, chat, ids, conversation_id, gr.update(), gr.update()
+            yield question, gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), token, token
             return
-        chat += [{"role": "user", "content": safe_markdown(question.strip())}, {"role": "assistant", "content": ""}]
+        chat += [{"role": "user", "content": render_markdown(text)}, {"role": "assistant", "content": ""}]
         ids += [None, None]
         partial = ""
         answer: Answer | None = None
+        answering = render_plain("Answering…")
         for event in _chain_events(first, stream):
             if event.answer is not None:
                 answer = event.answer
                 break
             partial += event.text
-            chat[-1] = {"role": "assistant", "content": safe_markdown(partial)}
-            yield "", chat, ids, conversation_id, gr.update(), gr.update(value="_Answering…_")
+            chat[-1] = {"role": "assistant", "content": render_markdown(partial)}
+            yield "", chat, ids, gr.update(), gr.update(), answering, token, token
         assert answer is not None
-        chat[-1] = {"role": "assistant", "content": safe_markdown(answer.text)}
-        ids[-1] = answer.message_id
+        chat, ids, _ = conversation_view(owner, answer.conversation_id)  # what was stored is the truth
         yield ("", chat, ids, answer.conversation_id,
                gr.update(choices=conversation_choices(owner), value=answer.conversation_id),
-               sources_markdown(answer.sources_as_dicts(), answer.citations_attributed))
+               render_sources(answer.sources_as_dicts(), answer.citations_attributed), token, token)
 
     def on_new():
         return None, [], [], gr.update(value=None), ""
 
-    def on_open(conversation_id: str | None, browser_id: str | None, request: gr.Request):
-        owner = identity(browser_id, request)
-        if not conversation_id:
+    def on_open(conversation_id: Any, token: Any, session_token: Any, request: gr.Request):
+        owner, _ = known_identity(token, session_token, request)
+        if not conversation_id or not isinstance(conversation_id, str) or owner is None:
             return gr.update(), gr.update(), gr.update(), gr.update()
         try:
-            chat, ids, sources = history_for_ui(owner, conversation_id)
+            chat, ids, sources = conversation_view(owner, conversation_id)
         except ConversationNotFound:
             gr.Warning("That conversation does not exist.")
             return None, [], [], ""
         return conversation_id, chat, ids, sources
 
-    def on_feedback(feedback: gr.LikeData, ids: list[int | None], browser_id: str | None, request: gr.Request):
-        owner = identity(browser_id, request)
+    def on_feedback(feedback: gr.LikeData, ids: list[int | None], token: Any, session_token: Any, request: gr.Request):
+        owner, _ = known_identity(token, session_token, request)
         index = feedback.index[0] if isinstance(feedback.index, (list, tuple)) else feedback.index
-        message_id = ids[index] if ids and 0 <= index < len(ids) else None
-        if message_id is None:
+        if owner is None or not isinstance(index, int) or not ids or not 0 <= index < len(ids) or ids[index] is None:
             return
         value = None if feedback.liked in (None, "") else (1 if feedback.liked is True or feedback.liked == "Like" else -1)
-        memory.set_feedback(owner, message_id, value)
+        memory.set_feedback(owner, ids[index], value)
 
-    def on_upload(files: list[str] | None) -> str:
-        if not files:
-            return ""
-        return upload_documents(runtime, [Path(f) for f in files])
+    def on_upload(files: Any, token: Any, session_token: Any, request: gr.Request):
+        owner, token = identity(token, session_token, request)
+        paths = [Path(f) for f in (files or []) if isinstance(f, str)]
+        received = {os.path.realpath(p) for p in blocks.upload_file_set}
+        outcome = runtime.uploads.add(owner, paths, lambda p: os.path.realpath(p) in received,
+                                      signed_in=signed_in_user(request) is not None)
+        return render_list(outcome.lines()), token, token
 
+    # -- the page ------------------------------------------------------------------------------
     with gr.Blocks(title="ragtune", fill_height=True) as blocks:
-        browser_id = gr.BrowserState(None, storage_key="ragtune-user")
+        browser_token = gr.BrowserState(None, storage_key="ragtune-user", secret=identities.browser_state_secret)
+        session_token = gr.State(None)  # the same id, server-side: API clients have no browser storage
         conversation_id = gr.State(None)
         message_ids = gr.State([])
         gr.Markdown("## ragtune — answers from your documents, with citations")
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(
-                    label="Chat", height=520, sanitize_html=True, render_markdown=True,
+                    label="Chat", height=520, sanitize_html=True, render_markdown=False, latex_delimiters=[],
                     feedback_options=("Like", "Dislike"), elem_id="chat",
                 )
                 with gr.Row():
                     question = gr.Textbox(
-                        placeholder="Ask about the documents…", show_label=False, scale=5, elem_id="question",
-                        max_length=settings.chat.max_question_chars * 5,
+                        placeholder="Loading…", show_label=False, scale=5, elem_id="question",
+                        max_length=settings.chat.max_question_chars * 5, interactive=False,
                     )
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send", interactive=False)
                 gr.Examples(examples=[[q] for q in settings.chat.examples], inputs=[question], label="Examples")
             with gr.Column(scale=2):
                 mode = gr.Radio(list(MODES), value=default_mode, label="Mode", elem_id="mode",
@@ -149,55 +235,40 @@ def build_blocks(runtime: "Runtime") -> gr.Blocks:
                 new = gr.Button("New conversation", elem_id="new")
                 past = gr.Dropdown(choices=[], label="Past conversations", elem_id="past", allow_custom_value=False)
                 with gr.Accordion("Sources", open=True):
-                    sources = gr.Markdown("", elem_id="sources")
+                    sources = gr.Markdown("", elem_id="sources", latex_delimiters=[])
                 with gr.Accordion("Add documents", open=False):
-                    upload = gr.File(file_count="multiple", file_types=list(settings.chat.upload_types),
-                                     label=f"Up to {settings.chat.upload_max_mb:g} MB each")
-                    upload_status = gr.Markdown("")
+                    if uploads_offered:
+                        upload = gr.File(file_count="multiple", file_types=list(settings.chat.upload_types),
+                                         label=f"Up to {settings.chat.upload_max_mb:g} MB each", elem_id="upload")
+                        upload_status = gr.Markdown("", elem_id="upload-status", latex_delimiters=[])
+                    else:
+                        gr.Markdown("Adding documents needs sign-in on this server.")
 
-        blocks.load(on_load, inputs=[browser_id], outputs=[browser_id, past], api_name=False)
-        outputs = [question, chatbot, message_ids, conversation_id, past, sources]
-        inputs = [question, mode, conversation_id, chatbot, message_ids, browser_id]
-        send.click(on_submit, inputs, outputs, api_name="chat", concurrency_id="generate")
-        question.submit(on_submit, inputs, outputs, api_name=False, concurrency_id="generate")
+        identity_outputs = [browser_token, session_token]
+        blocks.load(on_load, inputs=[browser_token, session_token],
+                    outputs=[*identity_outputs, past, question, send], api_name=False)
+        outputs = [question, chatbot, message_ids, conversation_id, past, sources, *identity_outputs]
+        inputs = [question, mode, conversation_id, browser_token, session_token]
+        send.click(on_submit, inputs, outputs, api_name="chat", concurrency_id="generate",
+                   validator=admit_question, show_progress="full", show_progress_on=[chatbot])
+        question.submit(on_submit, inputs, outputs, api_name=False, concurrency_id="generate",
+                        validator=admit_question, show_progress="full", show_progress_on=[chatbot])
         new.click(on_new, None, [conversation_id, chatbot, message_ids, past, sources], api_name=False)
-        past.input(on_open, [past, browser_id], [conversation_id, chatbot, message_ids, sources], api_name=False)
-        chatbot.like(on_feedback, [message_ids, browser_id], None, api_name=False)
-        upload.upload(on_upload, [upload], [upload_status], api_name=False)
-    blocks.queue(default_concurrency_limit=settings.chat.generation_concurrency, max_size=settings.chat.queue_size)
+        past.input(on_open, [past, browser_token, session_token], [conversation_id, chatbot, message_ids, sources],
+                   api_name=False)
+        chatbot.like(on_feedback, [message_ids, browser_token, session_token], None, api_name=False)
+        if uploads_offered:
+            upload.upload(on_upload, [upload, browser_token, session_token], [upload_status, *identity_outputs],
+                          api_name="upload", concurrency_id="upload")
+    # api_open=False: Gradio's /run/<name> REST route would skip the queue and the validator.
+    blocks.queue(default_concurrency_limit=settings.chat.generation_concurrency, max_size=settings.chat.queue_size,
+                 api_open=False)
     return blocks
 
 
 def _chain_events(first, rest):
     yield first
     yield from rest
-
-
-def upload_documents(runtime: "Runtime", files: list[Path]) -> str:
-    """Check uploads against the settings, copy them under the data dir, and ingest them."""
-    settings = runtime.settings.chat
-    target = runtime.settings.data_dir / "uploads"
-    target.mkdir(parents=True, exist_ok=True)
-    accepted, refused = [], []
-    for file in files:
-        name = Path(file).name
-        size_mb = file.stat().st_size / 1024 / 1024
-        if file.suffix.lower() not in settings.upload_types:
-            refused.append(f"{name}: type {file.suffix or '(none)'} is not accepted ({', '.join(settings.upload_types)})")
-        elif size_mb > settings.upload_max_mb:
-            refused.append(f"{name}: {size_mb:.1f} MB is over the {settings.upload_max_mb:g} MB limit")
-        else:
-            destination = target / name
-            shutil.copyfile(file, destination)
-            accepted.append(destination)
-    lines = [f"- refused {safe_markdown(r)}" for r in refused]
-    if accepted:
-        report = runtime.indexer.run(accepted, progress=False)
-        lines += [f"- added {safe_markdown(Path(s).name)}" for s in report.added]
-        lines += [f"- updated {safe_markdown(Path(s).name)}" for s in report.changed]
-        lines += [f"- unchanged {safe_markdown(Path(s).name)}" for s in report.unchanged]
-        lines += [f"- failed {safe_markdown(str(f))}" for f in report.failed]
-    return "\n".join(lines)
 
 
 def create_app(runtime: "Runtime") -> FastAPI:
@@ -208,15 +279,40 @@ def create_app(runtime: "Runtime") -> FastAPI:
         # Touches neither the model nor the index: a liveness probe must stay cheap.
         return {"status": "ok"}
 
-    server = runtime.settings.server
+    settings = runtime.settings
+    server = settings.server
     if server.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], allow_credentials=False)
-    app.add_middleware(AccessMiddleware, server=server)
+    app.add_middleware(AccessMiddleware, server=server, limits=settings.limits,
+                       anonymous_uploads=settings.chat.anonymous_uploads)
     blocks = build_blocks(runtime)
-    return gr.mount_gradio_app(
-        app, blocks, path="/", max_file_size=f"{runtime.settings.chat.upload_max_mb:g}mb",
-        allowed_paths=[], show_error=False, root_path=server.root_path or None,
+    app = gr.mount_gradio_app(
+        app, blocks, path="/", max_file_size=f"{settings.chat.upload_max_mb:g}mb",
+        allowed_paths=[], blocked_paths=_blocked_paths(runtime), show_error=False,
+        root_path=server.root_path or None,
     )
+    # Gradio refuses a client-supplied file path (processing_utils._check_allowed: in an input,
+    # only files it received in an upload) only when ``blocks.has_launched``, which launch()
+    # sets and mount_gradio_app does not. Unset, any input could copy any readable file into
+    # Gradio's cache and serve it (issue 14: /etc/passwd, settings.yaml, the chat database).
+    blocks.has_launched = True
+    return app
+
+
+def _blocked_paths(runtime: "Runtime") -> list[str]:
+    """Never served, whatever else allows it: the data directory (index, chat history, secret,
+    uploads) and the settings file, unless Gradio's own upload folder was put inside them."""
+    from gradio.utils import get_upload_folder
+
+    upload_folder = Path(get_upload_folder()).resolve()
+    candidates = [runtime.settings.data_dir, runtime.settings.uploads_dir, runtime.settings.history_db,
+                  runtime.settings.secret_file, Path("settings.yaml")]
+    blocked = []
+    for candidate in candidates:
+        resolved = candidate.expanduser().resolve()
+        if resolved != upload_folder and resolved not in upload_folder.parents and str(resolved) not in blocked:
+            blocked.append(str(resolved))
+    return blocked

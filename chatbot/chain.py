@@ -28,6 +28,7 @@ from core.prompts import (
     drop_unknown_citations, followup_queries,
 )
 from core.settings import Settings
+from core.text import clean_text
 from chatbot.citations import attribute
 from chatbot.memory import ChatMemory
 
@@ -223,7 +224,9 @@ class ConversationalRagChain:
 
     # -- public ------------------------------------------------------------------------------
     def validate(self, question: str) -> str:
-        text = (question or "").strip()
+        if question is not None and not isinstance(question, str):
+            raise InvalidQuestion("A question is text.")
+        text = clean_text(question or "").strip()  # NUL and control characters never go further
         if not text:
             raise InvalidQuestion("Please type a question.")
         limit = self.settings.chat.max_question_chars

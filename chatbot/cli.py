@@ -126,8 +126,9 @@ def ask(runtime, args: argparse.Namespace) -> int:
 def serve(runtime, settings: Settings) -> int:
     import uvicorn
 
-    from chatbot.app import build_blocks, create_app
+    from chatbot.app import build_blocks, create_app, recover_after_restart
 
+    recover_after_restart(runtime)  # before the first request: nothing is in flight yet
     # Load the model while the server starts: /healthz and the page answer at once, and the
     # first question waits only for whatever is left of the load.
     threading.Thread(target=runtime.chain.models.raw, args=(False,), daemon=True).start()

@@ -9,6 +9,10 @@ Ownership is checked in every query (``WHERE owner = ?``): a conversation id tha
 someone else behaves exactly like one that does not exist. The one exception is
 ``rated_answers``, which reads every owner's thumbs for the training export (``python -m finetune
 prepare --from-feedback``, which applies the ``feedback`` settings' opt-in); no page calls it.
+
+A question whose answer never came (the server was killed while it was being answered) gets,
+at the next start, an assistant message with status ``interrupted`` that says so: the page
+shows it, and the chain leaves that turn out of the history it gives the model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.text import clean_text
+
+INTERRUPTED = "interrupted"
+INTERRUPTED_TEXT = "This answer was interrupted: the server stopped before it was finished. Please ask again."
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
@@ -40,7 +48,8 @@ CREATE TABLE IF NOT EXISTS messages (
     mode TEXT,
     sources TEXT NOT NULL DEFAULT '[]',
     feedback INTEGER CHECK (feedback IN (-1, 1)),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    status TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id, id);
 """
@@ -58,6 +67,7 @@ class StoredMessage:
     mode: str | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)
     feedback: int | None = None
+    status: str | None = None  # None, or INTERRUPTED
 
 
 @dataclass
@@ -91,6 +101,9 @@ class ChatMemory:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            if "status" not in columns:  # a database from before interrupted answers were marked
+                db.execute("ALTER TABLE messages ADD COLUMN status TEXT")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -110,7 +123,7 @@ class ChatMemory:
         with self._connect() as db:
             db.execute(
                 "INSERT INTO conversations (id, owner, title, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (conversation_id, owner, title[:120], now, now),
+                (conversation_id, owner, _title(title), now, now),
             )
         return conversation_id
 
@@ -134,12 +147,12 @@ class ChatMemory:
         self._require(owner, conversation_id)
         with self._connect() as db:
             rows = db.execute(
-                "SELECT m.id, m.role, m.content, m.mode, m.sources, m.feedback FROM messages m "
+                "SELECT m.id, m.role, m.content, m.mode, m.sources, m.feedback, m.status FROM messages m "
                 "JOIN conversations c ON c.id = m.conversation_id "
                 "WHERE m.conversation_id = ? AND c.owner = ? ORDER BY m.id",
                 (conversation_id, owner),
             ).fetchall()
-        return [StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+        return [StoredMessage(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
     def turns(self, owner: str, conversation_id: str) -> list[tuple[str, str]]:
         """(question, answer) pairs, oldest first: what the chain feeds back as history."""
@@ -149,7 +162,8 @@ class ChatMemory:
             if message.role == "user":
                 pending = message.content
             elif pending is not None:
-                pairs.append((pending, message.content))
+                if message.status != INTERRUPTED:  # no answer to learn from
+                    pairs.append((pending, message.content))
                 pending = None
         return pairs
 
@@ -163,6 +177,7 @@ class ChatMemory:
         sources: list[dict[str, Any]] | None = None,
     ) -> int:
         self._require(owner, conversation_id)
+        content = clean_text(content)  # no NUL or control characters in storage, nor in titles
         now = time.time()
         with self._connect() as db:
             cursor = db.execute(
@@ -173,7 +188,8 @@ class ChatMemory:
                 # The first question names the conversation in the list of past conversations.
                 db.execute(
                     "UPDATE conversations SET title = ? WHERE id = ? AND title = 'New conversation'",
-                    (content.strip().splitlines()[0][:80] if content.strip() else "New conversation", conversation_id),
+                    (_title(content.strip().splitlines()[0][:80]) if content.strip() else "New conversation",
+                     conversation_id),
                 )
             db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
             return int(cursor.lastrowid)
@@ -216,6 +232,38 @@ class ChatMemory:
             pending = None
         return sorted(rated, key=lambda r: r.message_id)
 
+    def mark_interrupted(self, before: float | None = None) -> int:
+        """Give every question left without an answer (asked before ``before``, default now) an
+        assistant message saying it was interrupted. Run at start, when nothing is in flight.
+        Returns how many were marked."""
+        before = time.time() if before is None else before
+        with self._connect() as db:
+            unanswered = db.execute(
+                "SELECT q.id, q.conversation_id, q.mode FROM messages q WHERE q.role = 'user' AND q.status IS NULL "
+                "AND q.created < ? "
+                "AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.conversation_id = q.conversation_id "
+                "AND a.role = 'assistant' AND a.id > q.id AND NOT EXISTS (SELECT 1 FROM messages b "
+                "WHERE b.conversation_id = q.conversation_id AND b.role = 'user' AND b.id > q.id AND b.id < a.id))",
+                (before,),
+            ).fetchall()
+            for question_id, conversation_id, mode in unanswered:
+                # Directly after its question: the id order is the conversation's order.
+                later = db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND id > ?",
+                                   (conversation_id, question_id)).fetchone()
+                if later is None:
+                    db.execute(
+                        "INSERT INTO messages (conversation_id, role, content, mode, sources, created, status) "
+                        "VALUES (?, 'assistant', ?, ?, '[]', ?, ?)",
+                        (conversation_id, INTERRUPTED_TEXT, mode, time.time(), INTERRUPTED),
+                    )
+                else:  # a later question exists: mark the gap without reordering ids
+                    db.execute("UPDATE messages SET status = ? WHERE id = ?", (INTERRUPTED, question_id))
+        return len(unanswered)
+
     def _require(self, owner: str, conversation_id: str) -> None:
         if not self.exists(owner, conversation_id):
             raise ConversationNotFound(conversation_id)
+
+
+def _title(text: str) -> str:
+    return " ".join(clean_text(text, multiline=False).split())[:120] or "New conversation"

@@ -15,9 +15,12 @@ from core.llm import ChatModel, load_chat_model, resolve_adapter
 from core.settings import Settings
 from core.store import Collection, collection_for, open_client
 from chatbot.chain import ChatModels, ConversationalRagChain, Retriever
+from chatbot.identity import Identities
+from chatbot.limits import QuestionLimiter
 from chatbot.memory import ChatMemory
 from ingest.indexer import Indexer
 from ingest.service import build_indexer
+from ingest.uploads import UploadService
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient
@@ -34,6 +37,9 @@ class Runtime:
     indexer: Indexer
     memory: ChatMemory
     chain: ConversationalRagChain
+    identities: Identities
+    limiter: QuestionLimiter
+    uploads: UploadService
 
     def close(self) -> None:
         self.client.close()
@@ -66,7 +72,10 @@ def build_runtime(
     chain = ConversationalRagChain(
         settings, Retriever(store, settings), ChatModels(settings, load_base, load_adapted), memory
     )
+    indexer = build_indexer(settings, client, embedder)
     return Runtime(
         settings=settings, client=client, embedder=embedder, collection=collection,
-        indexer=build_indexer(settings, client, embedder), memory=memory, chain=chain,
+        indexer=indexer, memory=memory, chain=chain,
+        identities=Identities.from_file(settings.secret_file), limiter=QuestionLimiter(settings.limits),
+        uploads=UploadService(settings, indexer),
     )

@@ -139,6 +139,12 @@ class ChatSettings(_Section):
     demo_corpus: Path | None = Field(Path("data/demo"), description="ingested on first start when the collection is empty")
     upload_max_mb: float = Field(10.0, gt=0)
     upload_types: list[str] = Field(default_factory=lambda: [".md", ".txt", ".pdf", ".html", ".docx", ".csv"])
+    anonymous_uploads: bool = Field(
+        False,
+        description="whether visitors who are not signed in (server.auth=none) may add documents from the "
+        "page; signed-in users always may. Off on a public deployment (app.py, the Space, keeps it off)",
+    )
+    uploads_dir: Path | None = Field(None, description="where uploads are stored; default <data_dir>/uploads")
     examples: list[str] = Field(
         default_factory=lambda: [
             "What is the effect of Cardivexin on a patient with HTN and T2DM?",
@@ -197,6 +203,30 @@ class ServerSettings(_Section):
         return self
 
 
+class LimitSettings(_Section):
+    """Per-identity limits (OWASP LLM10, unbounded consumption). An identity is the signed-in user,
+    else the browser's id, and also the Gradio session: a client is held to both. 0 = no limit."""
+
+    questions_per_minute: int = Field(10, ge=0, description="questions one identity may ask in any 60 s")
+    waiting_per_identity: int = Field(
+        2, ge=0, description="questions one identity may have waiting or being answered at once: "
+        "its share of chat.queue_size, so that one client cannot fill the queue for everyone",
+    )
+    waiting_expiry_s: float = Field(
+        600.0, gt=0, description="a waiting question that never reached the model (its page was closed) "
+        "stops counting against waiting_per_identity after this long",
+    )
+    login_failures: int = Field(
+        5, ge=0, description="server.auth=password: wrong passwords from one address, or for one user "
+        "name, within login_window_s before further sign-ins are refused for login_lockout_s",
+    )
+    login_window_s: float = Field(300.0, gt=0)
+    login_lockout_s: float = Field(300.0, gt=0)
+    login_delay_s: float = Field(
+        0.5, ge=0, description="each wrong password is answered after this delay times the failures so far (at most 5 s)"
+    )
+
+
 class Settings(BaseSettings):
     """Root of the tree. Field names are the YAML keys and the env-var path."""
 
@@ -214,6 +244,7 @@ class Settings(BaseSettings):
     chat: ChatSettings = Field(default_factory=ChatSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -249,6 +280,15 @@ class Settings(BaseSettings):
     @property
     def history_db(self) -> Path:
         return self.chat.history_db or self.data_dir / "chat.sqlite3"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.chat.uploads_dir or self.data_dir / "uploads"
+
+    @property
+    def secret_file(self) -> Path:
+        """The server's persistent secret: signs browser ids, so they survive restarts."""
+        return self.data_dir / "secret.key"
 
 
 class SettingsError(ValueError):

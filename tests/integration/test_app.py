@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -67,6 +69,11 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
+def _text(message: dict) -> str:
+    """What the page shows of a chat message (its content is inert HTML)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", message["content"][0]["text"])).strip()
+
+
 def _final(job):
     updates = list(job)  # every streamed update
     return updates, job.result()
@@ -79,10 +86,11 @@ def test_first_start_indexes_the_demo_and_answers_with_sources(app) -> None:
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     assert "indexing" in (folder / "app.log").read_text()  # the visible first-start message
     client = Client(url, verbose=False)
-    updates, (_, chat, _, sources) = _final(
-        client.submit("What is the effect of Cardivexin on a patient with HTN and T2DM?", "rag", [], None, api_name="/chat"))
+    updates, (_, chat, _, sources, _) = _final(
+        client.submit("What is the effect of Cardivexin on a patient with HTN and T2DM?", "rag", None, api_name="/chat"))
+    sources = html.unescape(sources)  # the panel is inert HTML
     assert len(updates) > 3  # streamed, not one block
-    answer = chat[-1]["content"][0]["text"]
+    answer = _text(chat[-1])
     assert chat[-1]["role"] == "assistant" and answer
     assert "monographs/cardivexin.md" in sources and "[1]" in sources
     page = httpx.get(url).text
@@ -97,14 +105,15 @@ def test_five_concurrent_clients_get_their_own_answers_and_histories(app) -> Non
 
     def converse(topic: str) -> tuple[str, list[dict], str]:
         client = Client(url, verbose=False)
-        _, (_, chat, past, _) = _final(client.submit(f"What is {topic} used for?", "rag", [], None, api_name="/chat"))
-        _, (_, chat, past, sources) = _final(client.submit("What is its usual dose?", "rag", chat, None, api_name="/chat"))
-        return topic, chat, sources
+        # The history is the server's (memory, by the session's conversation): nothing is sent back.
+        _final(client.submit(f"What is {topic} used for?", "rag", None, api_name="/chat"))
+        _, (_, chat, _, sources, _) = _final(client.submit("What is its usual dose?", "rag", None, api_name="/chat"))
+        return topic, chat, html.unescape(sources)
 
     with ThreadPoolExecutor(max_workers=5) as pool:
         results = list(pool.map(converse, topics))
     for topic, chat, sources in results:
-        questions = [m["content"][0]["text"] for m in chat if m["role"] == "user"]
+        questions = [_text(m) for m in chat if m["role"] == "user"]
         assert questions == [f"What is {topic} used for?", "What is its usual dose?"], questions
         assert all(m["content"][0]["text"] for m in chat if m["role"] == "assistant")
         assert f"{topic.lower()}.md" in sources  # the follow-up retrieved this client's topic

@@ -111,15 +111,15 @@ def test_trusted_header_identity_scopes_conversations(tmp_path, session_data_dir
     app_url, process = launch(tmp_path, session_data_dir, {"RAGTUNE_SERVER__AUTH": "trusted_header"})
     try:
         alice = Client(app_url, headers={"X-Forwarded-User": "alice"}, verbose=False)
-        _, chat, past_alice, _ = alice.predict("What does AKI mean?", "base", [], None, api_name="/chat")
+        _, chat, past_alice, _, _ = alice.predict("What does AKI mean?", "base", None, api_name="/chat")
         bob = Client(app_url, headers={"X-Forwarded-User": "bob"}, verbose=False)
-        _, _, past_bob, _ = bob.predict("What does HTN mean?", "base", [], None, api_name="/chat")
+        _, _, past_bob, _, _ = bob.predict("What does HTN mean?", "base", None, api_name="/chat")
         alice_titles = [c[0] for c in past_alice["choices"]]
         bob_titles = [c[0] for c in past_bob["choices"]]
         assert alice_titles == ["What does AKI mean?"] and bob_titles == ["What does HTN mean?"]
         # The same user from another browser (another Gradio session) sees their own history.
         again = Client(app_url, headers={"X-Forwarded-User": "alice"}, verbose=False)
-        _, _, past_again, _ = again.predict("What does DVT mean?", "base", [], None, api_name="/chat")
+        _, _, past_again, _, _ = again.predict("What does DVT mean?", "base", None, api_name="/chat")
         assert {c[0] for c in past_again["choices"]} == {"What does AKI mean?", "What does DVT mean?"}
 
         assert httpx.get(app_url, timeout=10).status_code == 401  # the proxy sent no identity

@@ -1,19 +1,50 @@
 """What reaches the browser is inert: no live HTML, no image URLs; citations are honest."""
 
-from chatbot.render import safe_markdown, sources_markdown
+import html
+import re
+
+from chatbot.render import render_markdown, render_plain, render_sources
 from chatbot.citations import attribute
 from core.prompts import (
     ContextChunk, best_query, build_messages, cited_numbers, drop_unknown_citations, followup_queries, user_turn,
 )
+from core.text import clean_filename, clean_text
+
+POISON = (
+    "Dose: **10 mg**. ![inline](http://evil.example/i.png) ![ref][r] ![a [nested [alt]] b](http://evil.example/n.png)\n"
+    "<img src=http://evil.example/raw.png> <script>alert(1)</script> [click](http://evil.example/l) "
+    "<http://evil.example/auto>\n\n[r]: http://evil.example/r.png\n\n"
+    "```\ncode\n\n![late](http://evil.example/late.png)\n```\n"
+)
 
 
-def test_html_and_images_are_made_inert() -> None:
-    rendered = safe_markdown('<script>alert(1)</script> ![x](http://evil.example/?q=secret) **bold**')
-    assert "<script>" not in rendered and "&lt;script&gt;" in rendered
-    assert "evil.example" not in rendered and "**bold**" in rendered
-    panel = sources_markdown([{"n": 1, "title": "<img src=x onerror=alert(1)>", "source": "a.md",
-                               "text": "line <b>one</b>", "score": 0.5, "cited": False}])
-    assert "<img" not in panel and "<b>" not in panel
+def test_images_links_and_html_are_made_inert() -> None:
+    rendered = render_markdown(POISON)
+    assert not re.search(r"<(img|a|script)\b", rendered), rendered  # no tag that fetches or runs
+    assert not re.search(r"<[a-z0-9]+\s", rendered)  # no tag carries an attribute (src, href, on*)
+    assert "<strong>10 mg</strong>" in rendered  # Markdown still renders
+    for alt in ("inline", "ref"):  # images are their alt text
+        assert alt in rendered
+    shown = html.unescape(rendered)  # what the browser displays
+    assert "click (http://evil.example/l)" in shown  # an external link is text, its address shown
+    assert "a [nested [alt]] b" in shown and "<script>alert(1)</script>" in shown  # raw HTML shown, not run
+    # One line, Markdown punctuation as references: a Markdown parser in the page sees no syntax
+    # (the late image sits after a blank line inside a code block).
+    assert "\n" not in rendered and "![" not in rendered and "](" not in rendered
+    panel = render_sources([{"n": 1, "title": "<img src=x onerror=alert(1)>", "source": "a.md",
+                             "text": POISON, "score": 0.5, "cited": False}])
+    assert not re.search(r"<(img|a|script)\b", panel) and "&lt;img src=x" in panel
+
+
+def test_uploads_are_marked_and_names_neutralised() -> None:
+    upload = "data/uploads/" + "a" * 32 + "/" + "b" * 64 + "/notes.md"
+    panel = render_sources([{"n": 1, "title": "Notes", "source": upload, "text": "x", "score": 0.9, "cited": True},
+                            {"n": 2, "title": "Guide", "source": "data/demo/guide.md", "text": "y", "score": 0.5}])
+    assert panel.count("uploaded document") == 1 and "upload: notes.md" in html.unescape(panel)
+    assert clean_filename("../../etc/invoice\u202efdp.md") == "invoicefdp.md"  # RTL override gone, no path
+    assert clean_filename(".env") == "env" and clean_filename("...") == "upload"
+    assert clean_text("a\x00b\x1b[2Jc\r\nd\u202e") == "ab[2Jc\nd"  # NUL, ESC and overrides stripped
+    assert "\u202e" not in render_plain("evil\u202etxt.md")
 
 
 def test_documents_cannot_escape_their_fence() -> None:

@@ -9,10 +9,10 @@ import pytest
 from fastapi import FastAPI, Request
 
 from chatbot.web import IDENTITY_HEADER, AccessMiddleware
-from core.settings import ServerSettings
+from core.settings import LimitSettings, ServerSettings
 
 
-def make_app(**server) -> FastAPI:
+def make_app(limits: LimitSettings | None = None, **server) -> FastAPI:
     app = FastAPI()
 
     @app.get("/whoami")
@@ -23,7 +23,7 @@ def make_app(**server) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok"}
 
-    app.add_middleware(AccessMiddleware, server=ServerSettings(**server))
+    app.add_middleware(AccessMiddleware, server=ServerSettings(**server), limits=limits)
     return app
 
 
@@ -36,10 +36,10 @@ async def get(app: FastAPI, path: str, client_ip: str = "127.0.0.1", **headers: 
 @pytest.mark.anyio
 async def test_frame_ancestors_default_to_self_and_follow_settings() -> None:
     default = await get(make_app(), "/whoami")
-    assert default.headers["content-security-policy"] == "frame-ancestors 'self'"
+    assert default.headers["content-security-policy"] == "frame-ancestors 'self'; img-src 'self' data:"
     assert default.headers["x-frame-options"] == "SAMEORIGIN"
     intranet = await get(make_app(allowed_embedders=["'self'", "https://intranet.example"]), "/whoami")
-    assert intranet.headers["content-security-policy"] == "frame-ancestors 'self' https://intranet.example"
+    assert intranet.headers["content-security-policy"] == "frame-ancestors 'self' https://intranet.example; img-src 'self' data:"
     assert "x-frame-options" not in intranet.headers  # it would forbid the allowed intranet
 
 
@@ -72,6 +72,20 @@ async def test_password_auth_is_basic_on_every_request() -> None:
     assert wrong.status_code == 401
     right = await get(app, "/whoami", authorization="Basic " + base64.b64encode(b"bob:s3cret").decode())
     assert right.json() == {"user": "bob"}
+
+
+@pytest.mark.anyio
+async def test_wrong_passwords_are_locked_out_with_the_wait_time() -> None:
+    app = make_app(limits=LimitSettings(login_failures=3, login_delay_s=0, login_lockout_s=120),
+                   auth="password", users={"bob": "s3cret", "eve": "x"})
+    basic = lambda pair: "Basic " + base64.b64encode(pair).decode()  # noqa: E731
+    for _ in range(3):
+        assert (await get(app, "/whoami", authorization=basic(b"bob:guess"))).status_code == 401
+    locked = await get(app, "/whoami", authorization=basic(b"bob:s3cret"))  # even the right one, now
+    assert locked.status_code == 429 and "try again in 120 s" in locked.text
+    assert locked.headers["retry-after"] == "120"
+    elsewhere = await get(app, "/whoami", client_ip="10.0.0.9", authorization=basic(b"eve:x"))
+    assert elsewhere.json() == {"user": "eve"}  # another address and name are not locked
 
 
 def test_settings_refuse_incomplete_auth_and_bad_origins() -> None:
