@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from fastapi import FastAPI
 
-from chatbot.chain import MODES, Answer, InvalidQuestion
+from core.modes import MODES
+from chatbot.chain import Answer, InvalidQuestion
 from chatbot.memory import ConversationNotFound
 from chatbot.render import safe_markdown, sources_markdown
 from chatbot.web import IDENTITY_HEADER, AccessMiddleware
