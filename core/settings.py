@@ -81,8 +81,8 @@ class LLMSettings(_Section):
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
     context_window: int = Field(2048, ge=256, description="tokens the prompt + answer may use")
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for generation (llama.cpp and torch); None: all cores for "
-        "llama.cpp, torch's default for transformers",
+        None, ge=1, description="CPU threads for generation (llama.cpp and torch); None: llama.cpp decodes "
+        "on half the cores and prefills on all of them, torch keeps its default",
     )
     n_batch: int = Field(512, ge=8, le=8192, description="llamacpp: prompt tokens evaluated per step (prefill batch)")
     flash_attn: bool = Field(False, description="llamacpp: llama.cpp's flash attention")

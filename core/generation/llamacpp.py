@@ -78,8 +78,15 @@ def adapter_gguf(adapter_dir: Path) -> Path:
     return path
 
 
-def default_threads(configured: int | None) -> int:
-    return configured or os.cpu_count() or 1
+def threads(configured: int | None) -> tuple[int, int]:
+    """(decode threads, prefill threads): ``llm.threads`` for both, or llama-cpp-python's own
+    defaults, half the cores for decoding and all of them for prefill. Decoding one token is a
+    chain of small operations, each ending at a barrier where every thread waits for the slowest:
+    on the shared 2-core machine, 2 decode threads ran 5-10x slower than 1 (docs/benchmarks.md)."""
+    if configured:
+        return configured, configured
+    cores = os.cpu_count() or 1
+    return max(1, cores // 2), cores
 
 
 def open_llama(model: Path, settings: Settings, lora: Path | None = None, **overrides: Any) -> "Llama":
@@ -89,10 +96,10 @@ def open_llama(model: Path, settings: Settings, lora: Path | None = None, **over
     except ImportError as exc:
         raise backend_unavailable("llamacpp", "llama_cpp_python", exc) from exc
     llm = settings.llm
-    threads = default_threads(llm.threads)
+    decode_threads, prefill_threads = threads(llm.threads)
     params: dict[str, Any] = dict(
         n_ctx=llm.context_window, n_batch=llm.n_batch, n_ubatch=llm.n_batch,
-        n_threads=threads, n_threads_batch=threads, flash_attn=llm.flash_attn,
+        n_threads=decode_threads, n_threads_batch=prefill_threads, flash_attn=llm.flash_attn,
         seed=0, verbose=False,
     )
     if lora is not None:
@@ -274,7 +281,8 @@ class LlamaCppBackend(GenerationBackend):
             "backend": self.name, "weights": str(self.gguf), "gguf_setting": llm.gguf,
             "adapter": str(self.adapter_dir) if self.adapter_dir else None,
             "adapter_gguf": str(self.adapter_gguf) if self.adapter_gguf else None,
-            "threads": default_threads(llm.threads), "n_batch": llm.n_batch, "flash_attn": llm.flash_attn,
+            "threads": "{} decode, {} prefill".format(*threads(llm.threads)), "n_batch": llm.n_batch,
+            "flash_attn": llm.flash_attn,
             "n_ctx": llm.context_window,
         }
 
