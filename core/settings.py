@@ -54,7 +54,8 @@ class LLMSettings(_Section):
     backend: Literal["llamacpp", "transformers", "openai"] = Field(
         "llamacpp",
         description="what generates: 'llamacpp' (in-process llama.cpp on llm.gguf, the adapter as a GGUF "
-        "LoRA; ~5x the transformers decode speed on a CPU), 'transformers' (torch fp32 + PEFT on llm.model), "
+        "LoRA; several times the transformers decode speed on an idle CPU), 'transformers' (torch fp32 + "
+        "PEFT on llm.model), "
         "or 'openai' (a served model, llm.openai)",
     )
     model: str = Field(

@@ -1,7 +1,8 @@
 """Generation backends behind one interface, chosen by ``llm.backend`` here and nowhere else.
 
 - ``llamacpp`` (default): llama-cpp-python in-process on a GGUF (``llm.gguf``), the adapter as
-  a GGUF LoRA; decodes ~5x faster than the transformers path on a CPU (docs/benchmarks.md).
+  a GGUF LoRA; on this 2-core CPU, idle, bare llama.cpp decoded 74-94 tokens/s against the
+  transformers path's 12.5 (docs/benchmarks.md; on a loaded machine the gap closes).
 - ``transformers``: torch fp32 + PEFT, any Hugging Face model (``llm.model``), the weights
   training sees.
 - ``openai``: an OpenAI-compatible server (vLLM, TGI, llama.cpp's server, Ollama).

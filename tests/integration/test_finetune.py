@@ -278,14 +278,27 @@ def test_gguf_export_serves_what_was_trained(trained) -> None:
     assert reader.get_field("general.type").contents() == "adapter"
     assert reader.get_field("adapter.type").contents() == "lora"
     names = {t.name for t in reader.tensors}
-    assert {"blk.0.attn_q.weight.lora_a", "blk.29.ffn_down.weight.lora_b"} <= names
+    # q, k, v and o of 30 blocks (the tiny config's targets), an A and a B each
+    assert len(names) == 30 * 4 * 2 and {"blk.0.attn_q.weight.lora_a", "blk.29.attn_output.weight.lora_b"} <= names
 
-    adapted = settings.model_copy(update={"llm": settings.llm.model_copy(update={"adapter": str(result.adapter_dir)})})
-    backend = LlamaCppBackend(adapted)  # what llm.backend=llamacpp serves in hybrid and finetuned
+    # What llm.backend=llamacpp serves in hybrid and finetuned, against transformers + PEFT, both
+    # greedy without repetition penalty (the two libraries apply it to different tokens).
+    import torch
+
+    greedy = {"adapter": str(result.adapter_dir), "repetition_penalty": 1.0}
+    adapted = settings.model_copy(update={"llm": settings.llm.model_copy(update=greedy)})
+    messages = build_messages(FACTS[1][0], None)
+    trained_model = load_chat_model(adapted)
+    inputs = trained_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)
+    with torch.no_grad():
+        output = trained_model.model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    expected = trained_model.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    backend = LlamaCppBackend(adapted)
     try:
-        chunks = list(backend.chat_model(True, 24).stream(build_messages(FACTS[1][0], None)))
+        chunks = list(backend.chat_model(True, 24).stream(messages))
         answer = "".join(str(c.content) for c in chunks)
-        assert "2500" in answer and len(chunks) < 24, answer  # the trained fact, stopped at EOS
+        assert answer.strip() == expected.strip() and len(chunks) < 24, (answer, expected)  # and it stopped at EOS
     finally:
         backend.close()
 
