@@ -103,7 +103,7 @@ def _bare_llamacpp(runtime: Any, questions: list[str]) -> dict[str, float]:
 
     settings = runtime.settings
     gguf = Path(runtime.generation.describe()["weights"])  # the GGUF the backend serves
-    instance = LlamaInstance(open_llama(gguf, settings), {})
+    instance = LlamaInstance(open_llama(gguf, settings))
     llm = settings.llm
     sampling = {"max_tokens": llm.max_new_tokens, "temperature": llm.temperature,
                 "repeat_penalty": llm.repetition_penalty, "seed": 0, "stop": [instance.eos_text]}
@@ -175,7 +175,7 @@ def _options(runtime: Any, questions: list[str], rounds: int) -> None:
     best: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
         for label, gguf, adapter, overrides in configs:
-            instance = LlamaInstance(open_llama(gguf, settings, adapter, **overrides), {})
+            instance = LlamaInstance(open_llama(gguf, settings, adapter, **overrides))
             llama = instance.llama
             try:
                 first, second = (instance.prompt_tokens(build_messages(q, c)) for q, c in zip(questions, sources))

@@ -257,7 +257,7 @@ def served_equals_trained(settings: Settings, adapter_dir: Path, lora_gguf: Path
     tokenizer = trained.tokenizer
     eos = trained.model.generation_config.eos_token_id
     hf_eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    served = {adapted: LlamaInstance(open_llama(base_gguf, settings, lora_gguf if adapted else None), {})
+    served = {adapted: LlamaInstance(open_llama(base_gguf, settings, lora_gguf if adapted else None))
               for adapted in (False, True)}
     try:
         llama_eos = served[False].llama.token_eos()

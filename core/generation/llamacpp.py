@@ -114,12 +114,11 @@ def open_llama(model: Path, settings: Settings, lora: Path | None = None, **over
 class LlamaInstance:
     """One ``Llama`` (base, or with one LoRA), its lock, and its prompt format."""
 
-    def __init__(self, llama: "Llama", description: dict[str, Any]):
+    def __init__(self, llama: "Llama"):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.llama = llama
         self.lock = threading.Lock()
-        self.description = description
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelUnavailableError(f"{llama.model_path} carries no chat template; use an instruct model's GGUF")
@@ -242,7 +241,7 @@ class LlamaCppBackend(GenerationBackend):
         with self._lock:
             if adapted not in self._instances:
                 lora = self.adapter_gguf if adapted else None
-                self._instances[adapted] = LlamaInstance(open_llama(self.gguf, self.settings, lora), self.describe())
+                self._instances[adapted] = LlamaInstance(open_llama(self.gguf, self.settings, lora))
             return self._instances[adapted]
 
     def _build_chat_model(self, adapted: bool, max_new_tokens: int) -> BaseChatModel:
