@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from fastapi import FastAPI
 
-from chatbot.chain import MODES, Answer, InvalidQuestion
+from core.modes import MODES
+from chatbot.chain import Answer, InvalidQuestion
 from chatbot.limits import RateLimited
 from chatbot.memory import INTERRUPTED, INTERRUPTED_TEXT, ConversationNotFound
 from chatbot.render import render_list, render_markdown, render_plain, render_sources

@@ -1,17 +1,10 @@
 """The conversational chain: condense -> retrieve -> prompt -> stream -> cite -> remember.
 
-Four modes answer the same question so they can be compared:
+Four modes (core.modes) answer the same question so they can be compared.
 
-| mode      | model                | retrieval |
-|-----------|----------------------|-----------|
-| hybrid    | base + LoRA adapter  | yes       |
-| rag       | base                 | yes       |
-| finetuned | base + LoRA adapter  | no        |
-| base      | base                 | no        |
-
-Composed from LangChain parts (QdrantVectorStore for retrieval, ChatHuggingFace for streaming
-generation, trim_messages for the history budget); the orchestration is plain Python so that a
-caller gets tokens as they come and, at the end, one ``Answer`` with structured sources.
+Composed from LangChain parts (QdrantVectorStore for retrieval, a generation backend's chat
+models for streaming, trim_messages for the history budget); the orchestration is plain Python
+so that a caller gets tokens as they come and, at the end, one ``Answer`` with structured sources.
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,29 +20,17 @@ from core.prompts import (
     NOT_COVERED, ContextChunk, best_query, build_messages, cited_numbers, condense_messages,
     drop_unknown_citations, followup_queries,
 )
+from core.generation import GenerationBackend
+from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES, Mode
 from core.settings import Settings
 from core.text import clean_text
 from chatbot.citations import attribute
 from chatbot.memory import ChatMemory
 
 if TYPE_CHECKING:
-    from langchain_core.language_models import BaseChatModel
     from langchain_qdrant import QdrantVectorStore
 
-    from core.llm import ChatModel
-
 log = logging.getLogger(__name__)
-
-Mode = Literal["hybrid", "rag", "finetuned", "base"]
-MODES: tuple[Mode, ...] = ("hybrid", "rag", "finetuned", "base")
-RETRIEVING_MODES = {"hybrid", "rag"}
-ADAPTED_MODES = {"hybrid", "finetuned"}
-
-NO_ADAPTER = (
-    "No fine-tuned adapter is configured, so the '{mode}' mode cannot answer. Set llm.adapter "
-    "(for example llm.adapter=demo) or choose the 'rag' or 'base' mode."
-)
-
 
 @dataclass
 class Source:
@@ -118,95 +99,6 @@ class Retriever:
         return sources
 
 
-class ChatModels:
-    """The base chat model and the adapted one, each loaded on first use.
-
-    Lazy so that the app answers /healthz (and shows its page) while the model still loads.
-    Two copies rather than one PeftModel with ``disable_adapter()``: that context manager
-    changes shared state, which concurrent answers in different modes would race on; the
-    135M model costs ~0.5 GB per copy.
-    """
-
-    def __init__(
-        self, settings: Settings, load_base: Callable[[], "ChatModel"], load_adapted: Callable[[], "ChatModel"] | None
-    ):
-        self.settings = settings
-        self._load_base = load_base
-        self._load_adapted = load_adapted
-        self._loaded: dict[bool, ChatModel] = {}
-        self._wrapped: dict[tuple[bool, int | None], BaseChatModel] = {}
-        self._lock = threading.RLock()
-
-    @property
-    def has_adapter(self) -> bool:
-        if self.settings.llm.mode == "openai":
-            return bool(self.settings.llm.openai.adapter_model)
-        return self._load_adapted is not None
-
-    def raw(self, adapted: bool) -> "ChatModel":
-        """The local model and tokenizer (in openai mode only the tokenizer is used: budgets)."""
-        if self.settings.llm.mode == "openai":
-            adapted = False  # the server holds the adapter; the tokenizer is the base model's
-        loader = self._load_adapted if adapted else self._load_base
-        if loader is None:
-            raise RuntimeError("no adapter configured")
-        with self._lock:
-            if adapted not in self._loaded:
-                self._loaded[adapted] = loader()
-            return self._loaded[adapted]
-
-    def chat(self, adapted: bool, max_new_tokens: int | None = None) -> "BaseChatModel":
-        key = (adapted, max_new_tokens)
-        with self._lock:
-            cached = self._wrapped.get(key)
-        if cached is not None:
-            return cached
-        if self.settings.llm.mode == "openai":
-            wrapped = _openai(self.settings, adapted, max_new_tokens)
-        else:
-            wrapped = _wrap(self.raw(adapted), self.settings, max_new_tokens)
-        with self._lock:
-            self._wrapped[key] = wrapped
-        return wrapped
-
-
-def _wrap(chat_model: "ChatModel", settings: Settings, max_new_tokens: int | None) -> "BaseChatModel":
-    from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
-    from transformers import pipeline
-
-    llm = settings.llm
-    generation: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens or llm.max_new_tokens,
-        "repetition_penalty": llm.repetition_penalty,
-        "return_full_text": False,
-        # EOS is <|im_end|> for SmolLM2: generation stops there or at max_new_tokens.
-        "eos_token_id": chat_model.tokenizer.eos_token_id,
-        "pad_token_id": chat_model.tokenizer.pad_token_id or chat_model.tokenizer.eos_token_id,
-    }
-    if llm.temperature > 0:
-        generation |= {"do_sample": True, "temperature": llm.temperature}
-    else:
-        generation |= {"do_sample": False}
-    pipe = pipeline("text-generation", model=chat_model.model, tokenizer=chat_model.tokenizer, **generation)
-    return ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=chat_model.tokenizer)
-
-
-def _openai(settings: Settings, adapted: bool, max_new_tokens: int | None) -> "BaseChatModel":
-    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama) through langchain-openai."""
-    try:
-        from langchain_openai import ChatOpenAI
-    except ImportError as exc:  # pragma: no cover - pinned in requirements.txt
-        raise RuntimeError("llm.mode=openai needs langchain-openai: pip install langchain-openai") from exc
-    served = settings.llm.openai
-    return ChatOpenAI(
-        base_url=served.base_url, api_key=served.api_key, timeout=served.timeout_s, streaming=True,
-        model=served.adapter_model if adapted else served.model,
-        max_tokens=max_new_tokens or settings.llm.max_new_tokens, temperature=settings.llm.temperature,
-        # repetition_penalty is not part of the OpenAI API; vLLM and llama.cpp accept it as an extra.
-        extra_body={"repetition_penalty": settings.llm.repetition_penalty},
-    )
-
-
 def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
@@ -215,7 +107,7 @@ def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
 
 
 class ConversationalRagChain:
-    def __init__(self, settings: Settings, retriever: Retriever, models: ChatModels, memory: ChatMemory):
+    def __init__(self, settings: Settings, retriever: Retriever, models: GenerationBackend, memory: ChatMemory):
         self.settings = settings
         self.retriever = retriever
         self.models = models
@@ -283,8 +175,9 @@ class ConversationalRagChain:
         chunks = None
         if answer.mode in RETRIEVING_MODES:
             chunks = [ContextChunk(s.text, s.title, s.source, s.page, s.section) for s in answer.sources]
-        messages = self._fit(question, chunks, history, answer, adapted=adapted)
-        model = self.models.chat(adapted=adapted)
+        messages = self._fit(question, chunks, history, answer)
+        answer.timings["prompt_tokens"] = self.models.count_prompt_tokens(messages)
+        model = self.models.chat_model(adapted, self.settings.llm.max_new_tokens)
         pieces: list[str] = []
         with self._generation_slots:
             for chunk in model.stream(_to_langchain(messages)):
@@ -295,7 +188,7 @@ class ConversationalRagChain:
                 pieces.append(str(chunk.content))
                 yield ChainEvent("token", text=str(chunk.content))
         generated_text = "".join(pieces).strip()
-        generated = len(self.models.raw(adapted).tokenizer.encode(generated_text, add_special_tokens=False))
+        generated = self.models.count_tokens(generated_text)
         decode_seconds = time.perf_counter() - started - answer.timings.get("ttft_s", 0.0)
         answer.timings["tokens"] = generated
         answer.timings["tokens_per_s"] = round(generated / decode_seconds, 2) if decode_seconds > 0 else 0.0
@@ -323,7 +216,7 @@ class ConversationalRagChain:
 
             query = best_query(followup_queries(question, history, self.settings.chat.condense_turns), top_score)
             return query, found[query]
-        model = self.models.chat(adapted=False, max_new_tokens=64)
+        model = self.models.chat_model(False, max_new_tokens=64)
         with self._generation_slots:
             rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
@@ -331,17 +224,13 @@ class ConversationalRagChain:
         return query, self.retriever.retrieve(query)
 
     def _fit(
-        self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]],
-        answer: Answer, adapted: bool,
+        self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]], answer: Answer,
     ) -> list[dict[str, str]]:
         """Messages within the model's context: oldest history first, then the last chunks, go."""
         from langchain_core.messages import trim_messages
 
-        tokenizer = self.models.raw(adapted).tokenizer
         budget = self.settings.llm.context_window - self.settings.llm.max_new_tokens
-
-        def count(messages: list[dict[str, str]]) -> int:
-            return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+        count = self.models.count_prompt_tokens
 
         while chunks and count(build_messages(question, chunks)) > budget:
             chunks = chunks[:-1]
@@ -351,7 +240,7 @@ class ConversationalRagChain:
             {"role": "user", "content": q}, {"role": "assistant", "content": a})])
         kept = trim_messages(
             history_messages, max_tokens=max(left, 0), strategy="last", start_on="human",
-            token_counter=lambda ms: sum(len(tokenizer.encode(str(m.content), add_special_tokens=False)) + 4 for m in ms),
+            token_counter=lambda ms: sum(self.models.count_tokens(str(m.content)) + 4 for m in ms),
         )
         pairs = [(str(kept[i].content), str(kept[i + 1].content)) for i in range(0, len(kept) - 1, 2)]
         return build_messages(question, chunks, pairs)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from core.hub import ModelUnavailableError
 from core.logs import setup_logging
+from core.modes import MODES
 from core.settings import Settings, SettingsError, load_settings, parse_overrides
 from core.store import StoreError
 
@@ -41,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     ask = commands.add_parser("ask", help="answer one question in the terminal")
     ask.add_argument("question")
-    ask.add_argument("--mode", choices=["hybrid", "rag", "finetuned", "base"], default="rag")
+    ask.add_argument("--mode", choices=MODES, default="rag")
     ask.add_argument("--conversation", help="continue this conversation id (printed after each answer)")
     ask.add_argument("--json", action="store_true", help="print the answer, sources and timings as JSON")
     # Also accepted after the question, where people type it.
@@ -131,7 +132,7 @@ def serve(runtime, settings: Settings) -> int:
     recover_after_restart(runtime)  # before the first request: nothing is in flight yet
     # Load the model while the server starts: /healthz and the page answer at once, and the
     # first question waits only for whatever is left of the load.
-    threading.Thread(target=runtime.chain.models.raw, args=(False,), daemon=True).start()
+    threading.Thread(target=runtime.generation.warm_up, args=(False,), daemon=True).start()
     server = settings.server
     if server.share:
         # A share link goes through Gradio's own server: without the FastAPI headers and auth.

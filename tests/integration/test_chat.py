@@ -1,19 +1,21 @@
-"""The chain with the real packaged SmolLM2, the real embedder and a local Qdrant of the demo."""
+"""The chain with the real packaged SmolLM2 (the default llamacpp backend), the real embedder and a
+local Qdrant of the demo. tests/integration/test_generation.py runs the chain over every backend."""
 
 from __future__ import annotations
 
 
 import pytest
 
-from chatbot.chain import NO_ADAPTER, InvalidQuestion
+from chatbot.chain import InvalidQuestion
 from chatbot.runtime import build_runtime
+from core.modes import NO_ADAPTER
 from core.prompts import NOT_COVERED
 from core.settings import load_settings
 from tests.conftest import DEMO
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory, session_data_dir, embedder):
+def runtime(tmp_path_factory, session_data_dir, embedder, generation):
     folder = tmp_path_factory.mktemp("chat")
     (folder / "settings.yaml").write_text("")
     settings = load_settings(folder / "settings.yaml", {
@@ -22,7 +24,7 @@ def runtime(tmp_path_factory, session_data_dir, embedder):
         "chat": {"history_db": str(folder / "chat.sqlite3")},
         "llm": {"max_new_tokens": 96},
     })
-    built = build_runtime(settings, embedder=embedder)
+    built = build_runtime(settings, embedder=embedder, generation=generation)
     assert built.indexer.run([DEMO], progress=False).ok
     yield built
     built.close()
@@ -111,11 +113,10 @@ def test_conversations_are_isolated_between_owners(runtime) -> None:
 
 def test_history_is_trimmed_to_the_context_budget(runtime) -> None:
     chain = runtime.chain
-    tokenizer = chain.models.raw(False).tokenizer
     history = [(f"question {i} " + "about renal dosing " * 40, "answer " * 60) for i in range(30)]
     answer = type("A", (), {"sources": []})()
-    messages = chain._fit("What is AKI?", None, history, answer, adapted=False)
-    used = len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
+    messages = chain._fit("What is AKI?", None, history, answer)
+    used = chain.models.count_prompt_tokens(messages)
     assert used <= chain.settings.llm.context_window - chain.settings.llm.max_new_tokens
     assert messages[-1]["content"] == "What is AKI?"
     assert "question 29" in messages[-3]["content"] and "question 0 " not in str(messages)  # newest kept

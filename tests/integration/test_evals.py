@@ -13,7 +13,6 @@ import pytest
 
 from core.prompts import build_messages
 from evals.cli import main
-from evals.likelihood import label_logprobs, prompt_ids
 from evals.runner import Evaluator
 from tests.conftest import DEMO
 
@@ -102,10 +101,11 @@ def test_two_modes_three_questions_write_the_report_files(first_run, capsys) -> 
     results = json.loads((out / "results.json").read_text())
     assert len(results["records"]) == 6 and set(results["summary"]) == {"base", "rag"}
     assert results["config"]["retrieval"]["recall_k"] == 10 and results["config"]["llm"]["temperature"] == 0.0
+    assert results["config"]["llm"]["backend"] == "llamacpp" == results["config"]["generation"]["backend"]
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(workspace, first_run, tmp_path, monkeypatch) -> None:
+def test_an_interrupted_run_resumes_where_it_stopped(workspace, first_run, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "out"
     real_evaluate = Evaluator.evaluate
     calls: list[tuple[str, str]] = []
@@ -124,6 +124,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(workspace, first_run, tmp_p
 
     assert main(_argv(workspace, out, "--modes", "rag,base")) == 2  # will not mix runs without --resume
     assert main(_argv(workspace, out, "--modes", "rag,base", "--resume", "--set", "retrieval.k=2")) == 2
+    capsys.readouterr()
+    # records of another backend are other answers, however close: no mixing them in one run
+    assert main(_argv(workspace, out, "--modes", "rag,base", "--resume", "--set", "llm.backend=transformers")) == 2
+    assert "used other settings (llm)" in capsys.readouterr().err
 
     def counted(self, mode, question):
         calls.append((mode, question.id))
@@ -143,15 +147,18 @@ def test_an_interrupted_run_resumes_where_it_stopped(workspace, first_run, tmp_p
 
 
 def test_label_likelihood_matches_a_plain_forward_pass(settings_factory) -> None:
+    """The transformers backend's cached scoring against a full forward pass (the llamacpp backend is
+    compared with this one in test_generation.py)."""
     import torch
 
-    from core.llm import load_chat_model
+    from core.generation.transformers import TransformersBackend, forward_label_logprobs
 
-    chat_model = load_chat_model(settings_factory(), with_adapter=False)
+    backend = TransformersBackend(settings_factory(llm={"backend": "transformers"}))
+    chat_model = backend.weights(False)
     messages = build_messages("Is aspirin an antiplatelet drug? Answer yes, no or maybe.", None)
     labels = {"yes": "Yes", "no": "No", "maybe": "Maybe, it depends"}  # the last one is several tokens
-    cached = label_logprobs(chat_model, messages, labels)
-    context = prompt_ids(chat_model, messages)
+    cached = backend.label_logprobs(messages, adapted=False, label_texts=labels)
+    context = backend.prompt_ids(messages)
     tokenizer = chat_model.tokenizer
     for label, text in labels.items():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -167,4 +174,4 @@ def test_label_likelihood_matches_a_plain_forward_pass(settings_factory) -> None
 
     adapted = type(chat_model)(get_peft_model(chat_model.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
                                tokenizer, chat_model.base_name)
-    assert label_logprobs(adapted, messages, labels) == pytest.approx(cached, abs=1e-4)
+    assert forward_label_logprobs(adapted, context, labels) == pytest.approx(cached, abs=1e-4)

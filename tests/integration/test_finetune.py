@@ -260,6 +260,62 @@ def test_too_long_examples_are_refused_before_training(trained, tmp_path: Path) 
     assert not (settings.adapters_dir / "short").exists()
 
 
+# -- the llama.cpp export: served = trained ----------------------------------------------------
+def test_gguf_export_serves_what_was_trained(trained) -> None:
+    from core.generation.llamacpp import ADAPTER_GGUF, LlamaCppBackend
+
+    settings, _, result, _ = trained
+    export = result.metrics["gguf_export"]  # train() exported and checked it
+    assert export["ok"], export
+    check = export["check"]
+    assert check["template_identical"] and check["prompts"] == 2 and "tiny-val.jsonl" in check["prompts_from"]
+    assert check["adapted_agreement"] >= 0.9 and check["base_agreement"] >= 0.9
+    assert check["stopped_at_eos"]["llamacpp+lora"] == check["stopped_at_eos"]["transformers+peft"] == 2
+    assert (result.adapter_dir / ADAPTER_GGUF).is_file() and export["rank"] == 4 and export["alpha"] == 8
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(result.adapter_dir / ADAPTER_GGUF))
+    assert reader.get_field("general.type").contents() == "adapter"
+    assert reader.get_field("adapter.type").contents() == "lora"
+    names = {t.name for t in reader.tensors}
+    # q, k, v and o of 30 blocks (the tiny config's targets), an A and a B each
+    assert len(names) == 30 * 4 * 2 and {"blk.0.attn_q.weight.lora_a", "blk.29.attn_output.weight.lora_b"} <= names
+
+    # What llm.backend=llamacpp serves in hybrid and finetuned, against transformers + PEFT, both
+    # greedy without repetition penalty (the two libraries apply it to different tokens).
+    import torch
+
+    greedy = {"adapter": str(result.adapter_dir), "repetition_penalty": 1.0}
+    adapted = settings.model_copy(update={"llm": settings.llm.model_copy(update=greedy)})
+    messages = build_messages(FACTS[1][0], None)
+    trained_model = load_chat_model(adapted)
+    inputs = trained_model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                         return_dict=True)
+    with torch.no_grad():
+        output = trained_model.model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    expected = trained_model.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    backend = LlamaCppBackend(adapted)
+    try:
+        chunks = list(backend.chat_model(True, 24).stream(messages))
+        answer = "".join(str(c.content) for c in chunks)
+        assert answer.strip() == expected.strip() and len(chunks) < 24, (answer, expected)  # and it stopped at EOS
+    finally:
+        backend.close()
+
+
+def test_an_export_that_serves_something_else_is_refused(trained, tmp_path: Path) -> None:
+    from finetune.gguf import ExportRefused, export_gguf
+
+    settings, _, result, _ = trained
+    out = tmp_path / "broken.gguf"
+    # The adapter's update subtracted instead of added: the file loads in llama.cpp without a word.
+    with pytest.raises(ExportRefused, match=r"agree on \d+% of 2 prompts with the adapter") as refused:
+        export_gguf(settings, str(result.adapter_dir), out, alpha_scale=-1.0)
+    assert "100% without" in str(refused.value)  # the base model still agrees: the adapter is what broke
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 # -- merge and base-model checks --------------------------------------------------------------
 def test_merged_model_loads_with_plain_transformers(trained) -> None:
     import torch

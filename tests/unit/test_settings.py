@@ -75,3 +75,23 @@ def test_the_page_opens_in_the_configured_mode(monkeypatch: pytest.MonkeyPatch) 
     assert opening_mode("auto", has_adapter=True) == "hybrid" and opening_mode("auto", has_adapter=False) == "rag"
     with pytest.raises(SettingsError, match="chat.default_mode"):
         load_settings(repo / "settings.yaml", {"chat": {"default_mode": "best"}})
+
+
+def test_the_generation_backend_is_one_setting_and_a_missing_package_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from core.generation import build_backend
+
+    (tmp_path / "s.yaml").write_text("")
+    settings = load_settings(tmp_path / "s.yaml", {"data_dir": str(tmp_path)})
+    assert settings.llm.backend == "llamacpp"  # the default: docs/benchmarks.md says why
+    # llama-cpp-python is installed here; None in sys.modules makes its import fail as if it were not.
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(ImportError, match=r"llm.backend=llamacpp needs llama_cpp_python: pip install llama_cpp_python"):
+        build_backend(settings)
+    with pytest.raises(SettingsError, match="llm.backend"):
+        load_settings(tmp_path / "s.yaml", {"llm": {"backend": "vllm"}})
+    with pytest.raises(SettingsError, match="llm.backend=openai needs llm.openai.base_url"):
+        load_settings(tmp_path / "s.yaml", {"llm": {"backend": "openai"}})
