@@ -14,37 +14,21 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from core.prompts import (
     NOT_COVERED, ContextChunk, best_query, build_messages, cited_numbers, condense_messages,
     drop_unknown_citations, followup_queries,
 )
 from core.generation import GenerationBackend
+from core.retrieval import Retriever, Source
 from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES, Mode
 from core.settings import Settings
 from core.text import clean_text
 from chatbot.citations import attribute
 from chatbot.memory import ChatMemory
 
-if TYPE_CHECKING:
-    from langchain_qdrant import QdrantVectorStore
-
 log = logging.getLogger(__name__)
-
-@dataclass
-class Source:
-    """One retrieved chunk as shown beside an answer."""
-
-    n: int  # the number the prompt gave it: [n] in the answer
-    title: str
-    source: str
-    text: str
-    score: float
-    page: int | None = None
-    section: str | None = None
-    cited: bool = False
-
 
 @dataclass
 class Answer:
@@ -72,31 +56,6 @@ class ChainEvent:
 
 class InvalidQuestion(ValueError):
     """A question that is refused before any work (empty, too long)."""
-
-
-class Retriever:
-    """Qdrant search through langchain-qdrant, with k / MMR / score threshold from settings."""
-
-    def __init__(self, store: "QdrantVectorStore", settings: Settings):
-        self.store = store
-        self.settings = settings.retrieval
-
-    def retrieve(self, query: str) -> list[Source]:
-        vector = self.store.embeddings.embed_query(query)
-        if self.settings.search == "mmr":
-            found = self.store.max_marginal_relevance_search_with_score_by_vector(
-                vector, k=self.settings.k, fetch_k=self.settings.fetch_k, lambda_mult=self.settings.mmr_lambda
-            )
-        else:
-            found = self.store.similarity_search_with_score_by_vector(vector, k=self.settings.k)
-        threshold = self.settings.score_threshold
-        sources = []
-        for document, score in found:
-            if threshold is not None and score < threshold:
-                continue
-            chunk = ContextChunk.from_metadata(document.page_content, document.metadata)
-            sources.append(Source(n=len(sources) + 1, score=round(float(score), 4), **asdict(chunk)))
-        return sources
 
 
 def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:

@@ -14,7 +14,8 @@ from core.embeddings import Embedder, load_embedder
 from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
 from core.store import Collection, collection_for, open_client
-from chatbot.chain import ConversationalRagChain, Retriever
+from chatbot.chain import ConversationalRagChain
+from core.retrieval import Retriever
 from chatbot.identity import Identities
 from chatbot.limits import QuestionLimiter
 from chatbot.memory import ChatMemory

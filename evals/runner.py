@@ -41,7 +41,7 @@ OWNER = "evals"
 
 class Evaluator:
     def __init__(self, runtime: "Runtime", records: RecordLog, seed: int = 0):
-        from chatbot.chain import Retriever
+        from core.retrieval import Retriever
 
         self.runtime = runtime
         self.chain = runtime.chain

@@ -124,7 +124,7 @@ def test_followups_carry_history_and_search_with_the_previous_question() -> None
 
 
 def test_a_stored_chunk_reads_the_same_in_training_data_and_in_the_chat() -> None:
-    from chatbot.chain import Source
+    from core.retrieval import Source
 
     metadata = {"title": "Renal handbook", "source": "data/demo/h.pdf", "page": 2, "section": "", "doc_id": "d"}
     chunk = ContextChunk.from_metadata("Text.", metadata)
