@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.embeddings import Embedder, load_embedder
+from core.evidence import EvidenceSelector
 from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
 from core.store import Collection, collection_for, open_client
@@ -71,7 +72,8 @@ def build_runtime(
     collection.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
     store = QdrantVectorStore(client=client, collection_name=settings.qdrant.collection, embedding=embedder.embeddings)
     memory = ChatMemory(settings.history_db)
-    chain = ConversationalRagChain(settings, Retriever(store, settings), generation, memory)
+    evidence = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
+    chain = ConversationalRagChain(settings, Retriever(store, settings), generation, memory, evidence)
     indexer = build_indexer(settings, client, embedder)
     return Runtime(
         settings=settings, client=client, embedder=embedder, collection=collection,

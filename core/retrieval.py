@@ -6,7 +6,7 @@ returns numbered ``Source`` records (the number is the [n] the prompt gives the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from core.prompts import ContextChunk
@@ -28,6 +28,9 @@ class Source:
     page: int | None = None
     section: str | None = None
     cited: bool = False
+    evidence: list[str] = field(default_factory=list)  # its units the answer rests on (highlighted)
+    supersedes: list[str] = field(default_factory=list)  # documents its own replaces (front matter)
+    superseded_by: str | None = None  # set when a newer retrieved document replaces this one
 
 
 
@@ -52,5 +55,27 @@ class Retriever:
             if threshold is not None and score < threshold:
                 continue
             chunk = ContextChunk.from_metadata(document.page_content, document.metadata)
-            sources.append(Source(n=len(sources) + 1, score=round(float(score), 4), **asdict(chunk)))
+            shown = {k: v for k, v in asdict(chunk).items() if k != "n"}
+            sources.append(Source(n=len(sources) + 1, score=round(float(score), 4), **shown,
+                                  supersedes=list(document.metadata.get("supersedes") or [])))
         return sources
+
+
+def prefer_newer(sources: list[Source]) -> list[Source]:
+    """Fresh knowledge wins: a chunk of a document that another retrieved document supersedes
+    (its front matter ``supersedes: policies/old.md``) is marked so and moved behind the others;
+    the sources are renumbered so that [n] stays the order the model sees."""
+    replaced: dict[str, str] = {}
+    for source in sources:
+        for old in source.supersedes:
+            replaced.setdefault(old.strip("/"), source.source)
+    if not replaced:
+        return sources
+    for source in sources:
+        for old, newer in replaced.items():
+            if source.source != newer and (source.source == old or source.source.endswith("/" + old)):
+                source.superseded_by = newer
+    ordered = [s for s in sources if s.superseded_by is None] + [s for s in sources if s.superseded_by]
+    for n, source in enumerate(ordered, start=1):
+        source.n = n
+    return ordered

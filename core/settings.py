@@ -131,8 +131,33 @@ class IngestSettings(_Section):
         return self
 
 
+class EvidenceSettings(_Section):
+    """Which sentences of the retrieved chunks the model reads (core/evidence.py)."""
+
+    enabled: bool = Field(True, description="narrow the chunks to their best units; false = whole chunks")
+    prompt_units: int = Field(4, ge=1, le=20, description="units the model reads, under their chunk's [n]")
+    units: int = Field(2, ge=1, le=10, description="units highlighted as the evidence of an answer")
+    lexical_weight: float = Field(0.4, ge=0.0, description="weight of the question's rare words a unit contains")
+    range_weight: float = Field(0.2, ge=0.0, description="weight of a question number inside a unit's range")
+    rank_weight: float = Field(0.1, ge=0.0, description="weight of the chunk's retrieval rank (1/rank)")
+
+
+class DeclineSettings(_Section):
+    """When to answer "not covered" without generating (core/decline.py); fitted by
+    ``python -m evals calibrate`` on the validation set, which prints the trade-off curve."""
+
+    enabled: bool = True
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="decline when P(not covered) is at least this")
+    intercept: float = 0.0
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="feature -> coefficient (core.decline.FEATURES); empty = never decline"
+    )
+
+
 class RetrievalSettings(_Section):
     k: int = Field(4, ge=1, le=50, description="chunks given to the model")
+    evidence: EvidenceSettings = Field(default_factory=EvidenceSettings)
+    decline: DeclineSettings = Field(default_factory=DeclineSettings)
     search: Literal["similarity", "mmr"] = "similarity"
     fetch_k: int = Field(20, ge=1, description="MMR: candidates to diversify from")
     mmr_lambda: float = Field(0.5, ge=0.0, le=1.0, description="MMR: 1 = relevance only, 0 = diversity only")
