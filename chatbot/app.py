@@ -40,7 +40,7 @@ from core.modes import MODES
 from chatbot.api import build_api_router
 from chatbot.chain import Answer, InvalidQuestion
 from chatbot.compare import COMPARE_ORDER, REPORT_PATH, CompareService, ModeResult, favoured_note
-from chatbot.downloads import DownloadGrants, build_download_router
+from chatbot.downloads import GRANT_TTL_S, DownloadGrants, build_download_router
 from chatbot.identity import load_or_create_secret
 from chatbot.limits import RateLimited
 from chatbot.memory import INTERRUPTED, INTERRUPTED_TEXT, ConversationNotFound
@@ -335,15 +335,18 @@ def build_blocks(runtime: "Runtime", grants: DownloadGrants | None = None) -> gr
                     outputs=[*identity_outputs, past, question, send, compare_question, compare_send], api_name=False)
         outputs = [question, chatbot, message_ids, conversation_id, past, sources, *identity_outputs]
         inputs = [question, mode, conversation_id, browser_token, session_token]
+        # The download links are signed for GRANT_TTL_S: issued afresh whenever the open
+        # conversation changes or gets an answer, and before they expire on an idle page.
+        refresh_downloads = dict(fn=on_conversation, inputs=[conversation_id, browser_token, session_token],
+                                 outputs=[downloads, delete], api_name=False, show_progress="hidden")
         send.click(on_submit, inputs, outputs, api_name="chat", concurrency_id="generate",
-                   validator=admit_question, show_progress="full", show_progress_on=[chatbot])
+                   validator=admit_question, show_progress="full", show_progress_on=[chatbot]).then(**refresh_downloads)
         question.submit(on_submit, inputs, outputs, api_name=False, concurrency_id="generate",
-                        validator=admit_question, show_progress="full", show_progress_on=[chatbot])
-        new.click(on_new, None, [conversation_id, chatbot, message_ids, past, sources], api_name=False)
+                        validator=admit_question, show_progress="full", show_progress_on=[chatbot]).then(**refresh_downloads)
+        new.click(on_new, None, [conversation_id, chatbot, message_ids, past, sources], api_name=False).then(**refresh_downloads)
         past.input(on_open, [past, browser_token, session_token], [conversation_id, chatbot, message_ids, sources],
-                   api_name=False)
-        conversation_id.change(on_conversation, [conversation_id, browser_token, session_token], [downloads, delete],
-                               api_name=False)
+                   api_name=False).then(**refresh_downloads)
+        gr.Timer(GRANT_TTL_S * 0.8).tick(**refresh_downloads)
         delete.click(on_delete, [conversation_id, browser_token, session_token],
                      [conversation_id, chatbot, message_ids, past, sources, downloads, delete], api_name=False)
         compare_inputs = [compare_question, conversation_id, browser_token, session_token]
