@@ -22,7 +22,8 @@ How a request maps onto ragtune's conversation:
 
 Identity, scopes and limits are the page's: with ``server.api_keys`` set, ``Authorization: Bearer
 <key>`` is required on /v1 (401 otherwise) and the key acts as its ``user``, exactly as if that
-user had signed in (``user:<name>``: the same conversations, document scope and rate limits).
+user had signed in (``user:<name>``: the same conversations, document scope and rate limits);
+wrong keys from an address are slowed down and locked out as wrong passwords are (``limits.login_*``).
 Without keys, /v1 follows ``server.auth`` (AccessMiddleware signs the user in); with ``auth:
 none`` an anonymous client gets a fresh identity per request (it can send history, but cannot
 continue or list stored conversations: nothing would tie two requests together). Every question
@@ -33,6 +34,7 @@ no concurrency. Errors use OpenAI's shape ``{"error": {"message", "type", "code"
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -49,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chatbot.chain import Answer, InvalidQuestion
 from chatbot.downloads import FORMATS, export_response
-from chatbot.limits import RateLimited
+from chatbot.limits import LoginGuard, RateLimited, lockout_message
 from chatbot.memory import ConversationNotFound
 from core.modes import MODES
 
@@ -151,27 +153,36 @@ def build_api_router(runtime: "Runtime", identity_header: str) -> APIRouter:
     settings = runtime.settings
     chain, memory, identities, limiter = runtime.chain, runtime.memory, runtime.identities, runtime.limiter
     api_keys = settings.server.api_keys
+    wrong_keys = LoginGuard(settings.limits)  # wrong keys are slowed down and locked out like passwords
     router = APIRouter(prefix="/v1")
 
-    def caller(request: Request) -> tuple[str | None, list[str]]:
+    async def caller(request: Request) -> tuple[str | None, list[str]]:
         """(owner or None for an anonymous caller, rate-limit keys)."""
         address = f"address:{(request.client.host if request.client else '')}"
         if api_keys:
             raw = request.headers.get("authorization", "")
             token = raw[7:].strip() if raw.lower().startswith("bearer ") else ""
+            if not token:
+                raise ApiError(401, "No API key: send 'Authorization: Bearer <key>' with a key from server.api_keys.",
+                               "invalid_request_error", "invalid_api_key")
+            locked = wrong_keys.locked([address])
+            if locked is not None:
+                raise ApiError(429, lockout_message(locked).replace("passwords", "API keys"), "rate_limit_exceeded",
+                               "rate_limit_exceeded", locked)
             for key in api_keys:  # compare_digest on each: no timing hint which key nearly matched
-                if token and hmac.compare_digest(token.encode(), key.key.encode()):
+                if hmac.compare_digest(token.encode(), key.key.encode()):
+                    wrong_keys.succeeded([address])
                     owner = identities.owner(key.user, None)
                     assert owner is not None
                     return owner, [owner]
-            raise ApiError(401, "A valid API key is needed: send 'Authorization: Bearer <key>' with a key from "
-                           "server.api_keys." if token else "No API key: send 'Authorization: Bearer <key>'.",
+            await asyncio.sleep(wrong_keys.failed([address]))  # other requests go on meanwhile
+            raise ApiError(401, "This API key is not valid: use a key from server.api_keys.",
                            "invalid_request_error", "invalid_api_key")
         owner = identities.owner(request.headers.get(identity_header) or None, None)  # signed in by the middleware
         return owner, [k for k in (owner, address) if k]
 
-    def identified(request: Request) -> str:
-        owner, _ = caller(request)
+    async def identified(request: Request) -> str:
+        owner, _ = await caller(request)
         if owner is None:
             raise ApiError(403, "Stored conversations need an identity: an API key (server.api_keys) or sign-in "
                            "(server.auth).", "permission_error", "identity_required")
@@ -186,7 +197,7 @@ def build_api_router(runtime: "Runtime", identity_header: str) -> APIRouter:
     @router.get("/models")
     async def models(request: Request) -> Response:
         async def call() -> Response:
-            caller(request)
+            await caller(request)
             return JSONResponse({"object": "list", "data": [
                 {"id": MODEL_PREFIX + m, "object": "model", "created": 0, "owned_by": "ragtune"} for m in MODES]})
         return await handled(call)
@@ -194,7 +205,7 @@ def build_api_router(runtime: "Runtime", identity_header: str) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         async def call() -> Response:
-            owner, limit_keys = caller(request)
+            owner, limit_keys = await caller(request)
             try:
                 body = ChatRequest.model_validate(await request.json())
             except (ValidationError, ValueError) as exc:
@@ -244,7 +255,7 @@ def build_api_router(runtime: "Runtime", identity_header: str) -> APIRouter:
     @router.get("/conversations")
     async def conversations(request: Request) -> Response:
         async def call() -> Response:
-            owner = identified(request)
+            owner = await identified(request)
             return JSONResponse({"object": "list", "data": [
                 {"id": c.id, "object": "conversation", "title": c.title, "updated": c.updated}
                 for c in memory.list(owner)]})
@@ -253,7 +264,7 @@ def build_api_router(runtime: "Runtime", identity_header: str) -> APIRouter:
     @router.get("/conversations/{conversation_id}")
     async def export(conversation_id: str, request: Request, format: str = "json") -> Response:  # noqa: A002
         async def call() -> Response:
-            owner = identified(request)
+            owner = await identified(request)
             if format not in FORMATS:
                 raise _bad_request(f"format: choose one of {', '.join(FORMATS)}.", "invalid_format")
             try:
@@ -265,7 +276,7 @@ def build_api_router(runtime: "Runtime", identity_header: str) -> APIRouter:
     @router.delete("/conversations/{conversation_id}")
     async def delete(conversation_id: str, request: Request) -> Response:
         async def call() -> Response:
-            owner = identified(request)
+            owner = await identified(request)
             if not memory.delete(owner, conversation_id):
                 raise _not_found(conversation_id)
             return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})

@@ -76,3 +76,21 @@ def test_download_grants_open_one_conversation_of_one_owner_for_a_while(tmp_path
     assert grants.check("../../etc/passwd") is None and grants.check("a.b") is None
     now[0] += 301
     assert grants.check(grant) is None  # expired
+
+
+def test_cli_exports_and_deletes_a_conversation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chatbot.cli import CLI_OWNER, main
+
+    db = tmp_path / "chat.sqlite3"
+    conversation, _, _ = _conversation(ChatMemory(db), owner=CLI_OWNER)
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"data_dir: {tmp_path}\nchat:\n  history_db: {db}\n")
+    assert main(["--settings", str(settings), "export", conversation, "--format", "json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert len(exported["messages"]) == 4 and exported["messages"][1]["sources"] == [SOURCE]
+    assert main(["--settings", str(settings), "export", conversation]) == 0
+    assert "Start at 10 mg [1]." in capsys.readouterr().out
+    assert main(["--settings", str(settings), "delete", conversation]) == 0
+    assert ChatMemory(db).list(CLI_OWNER) == []
+    assert main(["--settings", str(settings), "export", conversation]) == 1
+    assert f"no conversation {conversation}" in capsys.readouterr().err
