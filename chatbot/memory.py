@@ -10,6 +10,12 @@ someone else behaves exactly like one that does not exist. The one exception is
 ``rated_answers``, which reads every owner's thumbs for the training export (``python -m finetune
 prepare --from-feedback``, which applies the ``feedback`` settings' opt-in); no page calls it.
 
+A conversation can be exported whole (``export``: every message with its sources and feedback,
+as JSON or, through ``export_markdown``, as Markdown) and deleted (``delete``: its rows are
+removed with ``secure_delete`` on and the WAL checkpointed, so the text does not linger in the
+file). The page offers both through signed download links (chatbot/downloads.py), the CLI as
+``python -m chatbot export|delete ID``, the API as ``/v1/conversations/ID``.
+
 A question whose answer never came (the server was killed while it was being answered) gets,
 at the next start, an assistant message with status ``interrupted`` that says so: the page
 shows it, and the chain leaves that turn out of the history it gives the model.
