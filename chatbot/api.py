@@ -16,7 +16,7 @@ How a request maps onto ragtune's conversation:
 - ``stream: true``: server-sent events in OpenAI's chunk shape, ending with ``data: [DONE]``;
 - the sources come back twice: as the extension field ``sources`` (n, title, source, page,
   section, score, cited) on the response or the last chunk, and as numbered references at the end
-  of the text (``Sources:\\n[1] title, source``), so that a plain client shows them too.
+  of the text (``Sources:\\n[1] title (heading), source``), so that a plain client shows them too.
 - OpenAI's sampling parameters (temperature, max_tokens, ...) are accepted and ignored: the
   answer settings are the server's (``llm``), as the page's are.
 
@@ -140,8 +140,9 @@ def references(sources: list[dict[str, Any]]) -> str:
         return ""
     lines = []
     for s in sources:
-        where = f", page {s['page']}" if s.get("page") else ""
-        lines.append(f"[{s['n']}] {s['title']}, {s['source']}{where}")
+        heading = (s.get("section") or "").split(" > ")[-1]  # chunks of one document differ by heading
+        where = (f" ({heading})" if heading and heading != s["title"] else "") + (f", page {s['page']}" if s.get("page") else "")
+        lines.append(f"[{s['n']}] {s['title']}{where}, {s['source']}")
     return "\n\nSources:\n" + "\n".join(lines)
 
 
