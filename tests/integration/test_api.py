@@ -111,7 +111,10 @@ def test_compare_tab_answers_in_all_four_modes_and_the_page_downloads_and_delete
         page.goto(f"{url}/")
         page.get_by_role("tab", name="Compare").click()
         page.locator("#compare-question textarea:not([disabled])").wait_for(timeout=120_000)
-        assert "favour" in page.locator("#compare-note").inner_text()
+        note = page.locator("#compare-note")
+        assert "favour rag" in note.inner_text()  # settings.yaml's chat.default_mode
+        report = page.request.get(f"{url}/{note.locator('a').get_attribute('href')}")
+        assert report.ok and "python -m evals" in report.text()  # the link opens the evals report
         page.locator("#compare-question textarea").fill(QUESTION)
         page.locator("#compare-send").click()
         for mode in MODES:  # every column ends with its total time
