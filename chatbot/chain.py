@@ -101,16 +101,22 @@ class ConversationalRagChain:
         return text
 
     def stream(
-        self, question: str, *, owner: str, conversation_id: str | None = None, mode: Mode = "rag"
+        self, question: str, *, owner: str, conversation_id: str | None = None, mode: Mode = "rag",
+        history: list[tuple[str, str]] | None = None,
     ) -> Iterator[ChainEvent]:
-        """Yield tokens as they are generated, then one ``answer`` event. Raises InvalidQuestion."""
+        """Yield tokens as they are generated, then one ``answer`` event. Raises InvalidQuestion.
+
+        ``history``: (question, answer) pairs that replace the stored conversation's as what the
+        model and the follow-up search see (the API's request messages, the Compare view); the
+        turn is still recorded in memory."""
         if mode not in MODES:
             raise InvalidQuestion(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         text = self.validate(question)
         started = time.perf_counter()
         if conversation_id is None or not self.memory.exists(owner, conversation_id):
             conversation_id = self.memory.create(owner)
-        history = self.memory.turns(owner, conversation_id)
+        if history is None:
+            history = self.memory.turns(owner, conversation_id)
         self.memory.append(owner, conversation_id, "user", text, mode=mode)
         answer = Answer(text="", mode=mode, conversation_id=conversation_id, query=text)
 

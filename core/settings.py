@@ -224,6 +224,14 @@ class FeedbackSettings(_Section):
     )
 
 
+class ApiKey(_Section):
+    """One key for the OpenAI-compatible API (chatbot/api.py) and the user it acts as: that
+    user's conversations, document scope and rate limits, as if they had signed in on the page."""
+
+    key: str = Field(min_length=16, description="sent as 'Authorization: Bearer <key>'")
+    user: str = Field(min_length=1, description="the user name the key acts as (e.g. the same name as in server.users)")
+
+
 class ServerSettings(_Section):
     """Where the app listens, who may frame it, and who may use it."""
 
@@ -242,11 +250,19 @@ class ServerSettings(_Section):
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"], description="addresses whose trusted header is believed"
     )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="keys for /v1 (the OpenAI-compatible API), each acting as a user; set: a /v1 request "
+        "without a valid key is 401; empty: /v1 follows the page's rules (server.auth)",
+    )
 
     @model_validator(mode="after")
     def _auth_complete(self) -> "ServerSettings":
         if self.auth == "password" and not self.users:
             raise ValueError("server.auth=password needs server.users (name: password)")
+        keys = [k.key for k in self.api_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("server.api_keys: the same key is listed twice")
         for origin in self.allowed_embedders:
             if origin not in ("'self'", "'none'", "*") and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"server.allowed_embedders: {origin!r} is not an origin like https://intranet.example")
