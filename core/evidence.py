@@ -39,7 +39,10 @@ if TYPE_CHECKING:
 
 # Sentence ends: ., ! or ? followed by space and an upper-case letter, digit, quote or bracket.
 # Abbreviations such as "e.g." or "approx." are followed by lower case and do not split.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+_SENTENCE_END = re.compile(
+    r"(?<=[.!?])(?<!\bext\.)(?<!\bno\.)(?<!\bNo\.)(?<!\bvs\.)(?<!\bDr\.)(?<!\bapprox\.)(?<!\bref\.)"
+    r"\s+(?=[A-Z0-9\"'(\[])"
+)
 _BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,2}[.)])\s+")
 _TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{2,}")
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
@@ -73,11 +76,35 @@ class EvidenceUnit:
         return f"{self.context}\n{self.text}" if self.context else self.text
 
 
+_HEADING = re.compile(r"^\s*#")
+
+
+def _joined_lines(text: str) -> list[str]:
+    """Lines with hard-wrapped continuations (plain text files wrap at ~72 characters) joined to
+    the line they continue: a line that starts in lower case, or follows one ending mid-sentence
+    (a comma, a word), belongs to it, unless either is a heading, a table row or a list item."""
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        previous = lines[-1] if lines else ""
+        continues = (
+            line and previous
+            and not _HEADING.match(previous) and not previous.startswith("|")
+            and not _HEADING.match(line) and not line.startswith("|") and not _BULLET.match(line)
+            and (line[0].islower() or previous.endswith((",", ";", "(", "-", "and", "or")))
+        )
+        if continues:
+            lines[-1] = f"{previous} {line}"
+        else:
+            lines.append(line)
+    return lines
+
+
 def split_units(text: str) -> list[tuple[str, str]]:
     """(unit, context) pairs: sentences, list items, and table rows with their header as context."""
     units: list[tuple[str, str]] = []
     header = ""
-    for raw in (text or "").splitlines():
+    for raw in _joined_lines(text or ""):
         line = raw.strip()
         if not line:
             header = ""
