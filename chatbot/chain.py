@@ -2,7 +2,7 @@
 
 Four modes (core.modes) answer the same question so they can be compared.
 
-Composed from LangChain parts (QdrantVectorStore for retrieval, a generation backend's chat
+Composed from LangChain parts (core.retrieval's Retriever for retrieval, a generation backend's chat
 models for streaming, trim_messages for the history budget); the orchestration is plain Python
 so that a caller gets tokens as they come and, at the end, one ``Answer`` with structured sources.
 """
@@ -22,6 +22,7 @@ from core.prompts import (
 )
 from core.generation import GenerationBackend
 from core.retrieval import Retriever, Source
+from ingest.uploads import readable_scopes
 from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES, Mode
 from core.settings import Settings
 from core.text import clean_text
@@ -105,7 +106,7 @@ class ConversationalRagChain:
             answer.refused, answer.text = "no adapter configured", NO_ADAPTER.format(mode=mode)
         elif mode in RETRIEVING_MODES:
             t0 = time.perf_counter()
-            answer.query, answer.sources = self._retrieve(text, history)
+            answer.query, answer.sources = self._retrieve(text, history, readable_scopes(owner))
             answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not answer.sources:
                 # Nothing relevant was found: say so rather than let the model answer from nothing.
@@ -160,17 +161,18 @@ class ConversationalRagChain:
         for source in answer.sources:
             source.cited = source.n in answer.cited
 
-    def _retrieve(self, question: str, history: list[tuple[str, str]]) -> tuple[str, list[Source]]:
+    def _retrieve(self, question: str, history: list[tuple[str, str]],
+                  scopes: list[str] | None = None) -> tuple[str, list[Source]]:
         """The retrieval query for a follow-up, made understandable without the conversation, and
         what it finds. 'concat' tries the question alone and with earlier questions in front."""
         condense = self.settings.chat.condense
         if not history or condense == "off":
-            return question, self.retriever.retrieve(question)
+            return question, self.retriever.retrieve(question, scopes)
         if condense == "concat":
             found: dict[str, list[Source]] = {}
 
             def top_score(query: str) -> float | None:
-                found[query] = self.retriever.retrieve(query)
+                found[query] = self.retriever.retrieve(query, scopes)
                 return found[query][0].score if found[query] else None
 
             query = best_query(followup_queries(question, history, self.settings.chat.condense_turns), top_score)
@@ -180,7 +182,7 @@ class ConversationalRagChain:
             rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
         query = rewritten or followup_queries(question, history, 1)[-1]
-        return query, self.retriever.retrieve(query)
+        return query, self.retriever.retrieve(query, scopes)
 
     def _fit(
         self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]], answer: Answer,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from core.generation import LikelihoodUnavailable
 from core.modes import ADAPTED_MODES, RETRIEVING_MODES
 from core.prompts import ContextChunk, build_messages
+from core.store import PUBLIC_SCOPE
 from evals.metrics import RECALL_AT, score_record
 from evals.questions import EvalQuestion
 from evals.records import RecordLog
@@ -41,15 +42,12 @@ OWNER = "evals"
 
 class Evaluator:
     def __init__(self, runtime: "Runtime", records: RecordLog, seed: int = 0):
-        from core.retrieval import Retriever
-
         self.runtime = runtime
         self.chain = runtime.chain
         self.records = records
         self.seed = seed
         settings = runtime.settings
-        wide = settings.retrieval.model_copy(update={"k": max(RECALL_AT)})
-        self.recall_retriever = Retriever(self.chain.retriever.store, settings.model_copy(update={"retrieval": wide}))
+        self.recall_retriever = self.chain.retriever.with_settings(k=max(RECALL_AT))
         self._conversations: dict[tuple[str, str], str] = {}  # (mode, set's conversation id) -> chain's id
 
     # -- the loop ----------------------------------------------------------------------------
@@ -102,7 +100,7 @@ class Evaluator:
         if mode in RETRIEVING_MODES:
             retrieved = [
                 {"source": s.source, "page": s.page, "score": s.score}
-                for s in self.recall_retriever.retrieve(answer.query)
+                for s in self.recall_retriever.retrieve(answer.query, scopes=[PUBLIC_SCOPE])
             ]
         record |= {
             "query": answer.query,
