@@ -69,8 +69,11 @@ class Retriever:
         if vector is None:
             vector = self.embedder.embeddings.embed_query(query)
         mmr = s.search == "mmr"
+        # More than k when BM25 ranks: a word match whose cosine fails the threshold must leave
+        # room for the next chunk, not shorten the list.
+        limit = max(s.fetch_k, k) if mmr else (k if s.method == "dense" else max(s.candidates, k))
         found = self.store.search(
-            vector, query, max(s.fetch_k, k) if mmr else k, mode=s.method, where=where, using=s.vector,
+            vector, query, limit, mode=s.method, where=where, using=s.vector,
             candidates=s.candidates, hnsw_ef=s.hnsw_ef, with_vectors=mmr,
         )
         if mmr and found:
