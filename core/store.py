@@ -113,6 +113,12 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / (na * nb) if na and nb else 0.0
 
 
+def ranked(scored: list[tuple[float, Hit]]) -> list[Hit]:
+    """Hits in the engine's order, ties (RRF gives equal scores to a chunk first in one list and
+    one first in the other) broken by cosine, then id: the same query always lists the same chunks."""
+    return [hit for _, hit in sorted(scored, key=lambda pair: (-pair[0], -pair[1].score, pair[1].id))]
+
+
 class Store(ABC):
     """One logical collection (``name``) and its physical generations ``<name>__<n>``.
 

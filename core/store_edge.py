@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from core.embeddings import EmbedderInfo
 from core.store import (
     DENSE, INDEXED_FIELDS, METADATA_KEY, SCOPE_KEY, SPARSE, Hit, RecordedEmbedder, SearchFilter, Store,
-    StoreError, StorePoint, StoredRecord, cosine, record_of,
+    StoreError, StorePoint, StoredRecord, cosine, ranked, record_of,
 )
 
 if TYPE_CHECKING:
@@ -236,8 +236,9 @@ class EdgeStore(Store):
         for point in shard.query(request):
             stored = list((point.vector or {}).get(using) or [])
             score = point.score if mode == "dense" or not text else cosine(vector, stored)
-            hits.append(Hit(str(point.id), float(score), point.payload or {}, stored if with_vectors else None))
-        return hits
+            hits.append((round(point.score, 6), Hit(str(point.id), float(score), point.payload or {},
+                                                    stored if with_vectors else None)))
+        return ranked(hits)
 
     def optimize(self) -> None:
         shard = self._current()

@@ -17,7 +17,7 @@ from core.embeddings import EmbedderInfo
 from core.settings import Settings
 from core.store import (
     DENSE, INDEXED_FIELDS, METADATA_KEY, RECORD_KEY, SCOPE_KEY, SPARSE, Hit, RecordedEmbedder, SearchFilter,
-    Store, StoreError, StorePoint, StoredRecord, cosine, record_of,
+    Store, StoreError, StorePoint, StoredRecord, cosine, ranked, record_of,
 )
 from core.store_edge import RRF_K
 
@@ -178,8 +178,9 @@ class ServerStore(Store):
         for point in response.points:
             stored = list((point.vector or {}).get(using) or []) if isinstance(point.vector, dict) else []
             score = point.score if mode == "dense" or not text else cosine(vector, stored)
-            hits.append(Hit(str(point.id), float(score), point.payload or {}, stored if with_vectors else None))
-        return hits
+            hits.append((round(point.score, 6), Hit(str(point.id), float(score), point.payload or {},
+                                                    stored if with_vectors else None)))
+        return ranked(hits)
 
     def close(self) -> None:
         self.client.close()

@@ -18,7 +18,7 @@ format, ``{"prompt": [system, user], "completion": [assistant]}`` plus bookkeepi
 
 Gold chunk: the gold document's chunk the chat's retriever ranks first for the question (filtered
 to that document, and to ``gold_page`` when the record names one). Distractors: what the chat's
-retriever returns for the question from other documents (same method, MMR and score threshold). ``k`` defaults to ``retrieval.k - 1``, so an example shows as
+retriever ranks highest for the question among other documents (same method, vector and MMR). ``k`` defaults to ``retrieval.k - 1``, so an example shows as
 many chunks as the chat chain retrieves. A follow-up turn keeps its earlier turns as chat history
 and is searched as the chain searches it (``chat.condense=concat``: the question alone or with
 earlier questions in front, whichever finds the closer chunk). Everything random (split, shuffles, which examples lose their
@@ -90,8 +90,8 @@ class Passage:
 
 # -- finding gold documents and retrieving chunks --------------------------------------------
 class Passages:
-    """The collection seen through the chat's own ``Retriever`` (same method, vector, MMR and
-    score threshold), plus the lookup of a record's gold document. Only the shared knowledge base
+    """The collection seen through the chat's own ``Retriever`` (same method, named vector and
+    MMR; the score threshold where the chat applies it, for choosing a follow-up's query), plus the lookup of a record's gold document. Only the shared knowledge base
     (scope ``public``) is read: users' uploads never become training data."""
 
     def __init__(self, retriever: Retriever):
@@ -154,11 +154,13 @@ class Passages:
         return hits[0].score if hits else None
 
     def top_outside(self, query: str, vector: list[float], exclude_doc_id: str | None, limit: int) -> list[Passage]:
-        """Distractors: what the chat would retrieve for the question, other documents only."""
+        """Distractors: what the chat's retriever ranks highest for the question, other documents
+        only. Without the score threshold: an example shows k + 1 chunks whether or not the gold
+        one is among them, so that the count gives nothing away."""
         if limit <= 0:
             return []
         where = SearchFilter(scopes=[PUBLIC_SCOPE], not_doc_id=exclude_doc_id)
-        return self._passages(self.retriever.hits(query, vector, where=where, k=limit))
+        return self._passages(self.retriever.hits(query, vector, where=where, k=limit, threshold=False))
 
     @staticmethod
     def _passages(hits: list[Hit]) -> list[Passage]:
