@@ -176,10 +176,11 @@ class Store(ABC):
     @abstractmethod
     def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
                where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
-               hnsw_ef: int | None = None, with_vectors: bool = False) -> list[Hit]:
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
         """Top ``k`` ranked by ``mode``: 'dense' (``vector`` on the named vector ``using``),
         'sparse' (BM25 on ``text``) or 'fused' (both, each side prefetching ``candidates``,
-        merged by RRF). Each hit's score is its dense cosine with ``vector`` whatever ranked it."""
+        merged by RRF). Each hit's score is its dense cosine with ``vector`` whatever ranked it.
+        ``exact``: search the dense vectors without the HNSW index (the benchmark's ground truth)."""
 
     def optimize(self) -> None:
         """Build the search indexes now (Edge: HNSW); the server does this itself."""

@@ -208,13 +208,13 @@ class EdgeStore(Store):
 
     def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
                where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
-               hnsw_ef: int | None = None, with_vectors: bool = False) -> list[Hit]:
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
         from qdrant_edge import Fusion, Prefetch, Query, QueryRequest, SearchParams
 
         shard = self._current()
         if shard is None:
             return []
-        params = SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
+        params = SearchParams(hnsw_ef=hnsw_ef, exact=exact) if hnsw_ef or exact else None
         query_filter = _filter(where)
         dense = Query.Nearest(vector, using=using)
         if mode == "dense" or not text:

@@ -145,12 +145,12 @@ class ServerStore(Store):
 
     def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
                where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
-               hnsw_ef: int | None = None, with_vectors: bool = False) -> list[Hit]:
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
         from qdrant_client import models
 
         if not self.exists():
             return []
-        params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
+        params = models.SearchParams(hnsw_ef=hnsw_ef, exact=exact) if hnsw_ef or exact else None
         query_filter = _filter(where)
         if mode == "dense" or not text:
             response = self.client.query_points(self.name, query=vector, using=using, query_filter=query_filter,
