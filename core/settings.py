@@ -123,6 +123,8 @@ class QdrantSettings(_Section):
     def _server_has_url(self) -> "QdrantSettings":
         if self.backend == "server" and not self.url:
             raise ValueError("qdrant.backend=server needs qdrant.url")
+        if self.backend == "edge" and self.url:
+            raise ValueError("qdrant.backend=edge is the embedded store: unset qdrant.url, or use backend server")
         return self
 
 
