@@ -166,6 +166,15 @@ class Store(ABC):
         """Delete a document's points: all of them, or all but those of ``keep_hash``."""
 
     @abstractmethod
+    def add_dense_vector(self, physical: str, name: str, dimension: int) -> None:
+        """A second named dense vector beside ``dense`` (e.g. ``dense_tuned``, a fine-tuned
+        embedder's), so that one index can be searched two ways (``retrieval.vector``)."""
+
+    @abstractmethod
+    def set_vectors(self, physical: str, name: str, vectors: dict[str, list[float]]) -> None:
+        """Set the named vector of existing points (point id -> vector); payloads stay."""
+
+    @abstractmethod
     def scroll(self, physical: str, fields: Sequence[str] | None = None, with_vectors: bool = False,
                page: int = 1024) -> Iterator[StoredRecord]:
         """Every point's payload (``fields``: only these ``metadata.`` keys), optionally vectors."""

@@ -184,6 +184,17 @@ class EdgeStore(Store):
                           must_not=must_not)
         self._shard(physical).update(UpdateOperation.delete_points_by_filter(selector))
 
+    def add_dense_vector(self, physical: str, name: str, dimension: int) -> None:
+        from qdrant_edge import Distance, UpdateOperation
+
+        self._shard(physical).update(UpdateOperation.create_dense_vector(name, dimension, Distance.Cosine))
+
+    def set_vectors(self, physical: str, name: str, vectors: dict[str, list[float]]) -> None:
+        from qdrant_edge import PointVectors, UpdateOperation
+
+        self._shard(physical).update(UpdateOperation.update_vectors(
+            [PointVectors(point_id, {name: vector}) for point_id, vector in vectors.items()]))
+
     def scroll(self, physical: str, fields: Sequence[str] | None = None, with_vectors: bool = False,
                page: int = 1024) -> Iterator[StoredRecord]:
         from qdrant_edge import ScrollRequest
@@ -193,7 +204,7 @@ class EdgeStore(Store):
         offset = None
         while True:
             records, offset = shard.scroll(ScrollRequest(offset=offset, limit=page, with_payload=payload,
-                                                         with_vector=[DENSE] if with_vectors else False))
+                                                         with_vector=True if with_vectors else False))
             for record in records:
                 vectors = {k: list(v) for k, v in (record.vector or {}).items() if k != SPARSE} if with_vectors else {}
                 yield StoredRecord(str(record.id), record.payload or {}, vectors)

@@ -124,13 +124,25 @@ class ServerStore(Store):
                                  must_not=[field_is("doc_hash", keep_hash)] if keep_hash else None)
         self.client.delete(physical, points_selector=models.FilterSelector(filter=selector), wait=True)
 
+    def add_dense_vector(self, physical: str, name: str, dimension: int) -> None:
+        from qdrant_client import models
+
+        self.client.create_vector_name(physical, name, models.DenseVectorNameConfig(
+            dense=models.DenseVectorConfig(size=dimension, distance=models.Distance.COSINE)))
+
+    def set_vectors(self, physical: str, name: str, vectors: dict[str, list[float]]) -> None:
+        from qdrant_client import models
+
+        self.client.update_vectors(physical, points=[models.PointVectors(id=point_id, vector={name: vector})
+                                                     for point_id, vector in vectors.items()], wait=True)
+
     def scroll(self, physical: str, fields: Sequence[str] | None = None, with_vectors: bool = False,
                page: int = 1024) -> Iterator[StoredRecord]:
         payload: Any = [f"{METADATA_KEY}.{f}" for f in fields] if fields is not None else True
         offset = None
         while True:
             records, offset = self.client.scroll(physical, limit=page, offset=offset, with_payload=payload,
-                                                 with_vectors=[DENSE] if with_vectors else False)
+                                                 with_vectors=True if with_vectors else False)
             for record in records:
                 vectors = record.vector if isinstance(record.vector, dict) else {}
                 yield StoredRecord(str(record.id), record.payload or {},

@@ -84,6 +84,15 @@ def test_one_body_over_each_backend(store, embedder) -> None:
     exact = retriever.with_settings(method="sparse", k=1, score_threshold=None).retrieve("STEMI", scopes=["public"])
     assert "STEMI" in exact[0].text
 
+    # Room for a tuned embedder: a second named vector on the same points, searched by name.
+    opened.add_dense_vector(physical, "dense_tuned", 384)
+    tuned = {p.id: list(reversed(p.vectors["dense"])) for p in points(embedder)}  # any other vector space
+    opened.set_vectors(physical, "dense_tuned", tuned)
+    probe = tuned[points(embedder)[2].id]
+    assert opened.search(probe, None, 1, using="dense_tuned")[0].payload["metadata"]["doc_id"] == "protocol"
+    assert {r.id: sorted(r.vectors) for r in opened.scroll(physical, with_vectors=True)}[points(embedder)[2].id] == [
+        "dense", "dense_tuned"]
+
     opened.upsert(physical, points(embedder, version="h2")[:2])  # a changed monograph: new hash beside old
     opened.delete_document(physical, "monograph", keep_hash="h2")
     kept = [r.payload["metadata"] for r in opened.scroll(physical, fields=["doc_id", "doc_hash"])]
