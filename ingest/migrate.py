@@ -149,6 +149,9 @@ def _move(client: "QdrantClient", name: str, physical: str, target: Path, settin
     store = EdgeStore.open(str(target), name)
     try:
         store.drop_orphans()  # a generation an interrupted migration left unfinished
+        if store.exists() and store.count() == total:
+            log.info("%s was moved by an earlier run, which stopped before renaming the old folder", name)
+            return Moved(name, total, reembed)
         if store.exists() and store.count() > 0:
             raise StoreError(f"the embedded store already has a collection {name!r} with {store.count()} points; "
                              "move it away or migrate into another qdrant.path")
