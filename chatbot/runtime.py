@@ -38,9 +38,11 @@ class Runtime:
     uploads: UploadService
     generation: GenerationBackend
     owns_generation: bool = True  # False when the caller passed the backend in (and closes it)
+    owns_store: bool = True  # likewise for the store
 
     def close(self) -> None:
-        self.store.close()
+        if self.owns_store:
+            self.store.close()
         if self.owns_generation:
             self.generation.close()
 
@@ -59,6 +61,7 @@ def build_runtime(
     # Loads no weights yet (the app answers /healthz while they load), but a missing GGUF or
     # adapter fails here, at start-up, not at the first question.
     generation = generation or build_backend(settings)
+    owns_store = store is None
     store = store or open_store(settings)
     embedder = embedder or load_embedder(settings.embedding)
     store.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
@@ -70,5 +73,5 @@ def build_runtime(
         indexer=indexer, memory=memory, chain=chain,
         identities=Identities.from_file(settings.secret_file), limiter=QuestionLimiter(settings.limits),
         uploads=UploadService(settings, indexer),
-        generation=generation, owns_generation=owns_generation,
+        generation=generation, owns_generation=owns_generation, owns_store=owns_store,
     )

@@ -51,7 +51,7 @@ def llama_server(tmp_path_factory, generation):
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, session_data_dir, embedder, generation):
-    """The demo monographs in one local Qdrant folder that every backend's runtime reads."""
+    """The demo monographs in one store folder that every backend's runtime reads."""
     from core.store import open_store
 
     folder = tmp_path_factory.mktemp("generation")
@@ -63,6 +63,7 @@ def index(tmp_path_factory, session_data_dir, embedder, generation):
     assert runtime.indexer.run([DEMO / "monographs"], progress=False).ok
     yield folder, client
     runtime.close()
+    client.close()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
