@@ -2,7 +2,7 @@
 
 Four modes (core.modes) answer the same question so they can be compared.
 
-Composed from LangChain parts (QdrantVectorStore for retrieval, a generation backend's chat
+Composed from LangChain parts (core.retrieval's Retriever for retrieval, a generation backend's chat
 models for streaming, trim_messages for the history budget); the orchestration is plain Python
 so that a caller gets tokens as they come and, at the end, one ``Answer`` with structured sources.
 """
@@ -25,6 +25,7 @@ from core.prompts import (
 from core.quotes import Quote, check_answer
 from core.generation import GenerationBackend
 from core.retrieval import Retriever, Source, prefer_newer
+from ingest.uploads import readable_scopes
 from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES, Mode
 from core.settings import Settings
 from core.text import clean_text
@@ -124,7 +125,7 @@ class ConversationalRagChain:
             answer.refused, answer.text = "no adapter configured", NO_ADAPTER.format(mode=mode)
         elif mode in RETRIEVING_MODES:
             t0 = time.perf_counter()
-            answer.query, answer.sources = self.retrieve_for(text, history)
+            answer.query, answer.sources = self.retrieve_for(text, history, readable_scopes(owner))
             answer.sources = prefer_newer(answer.sources)
             answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not answer.sources:
@@ -233,17 +234,18 @@ class ConversationalRagChain:
         for source in answer.sources:
             source.evidence = list(dict.fromkeys(text for n, text in highlighted if n == source.n))
 
-    def retrieve_for(self, question: str, history: list[tuple[str, str]]) -> tuple[str, list[Source]]:
+    def retrieve_for(self, question: str, history: list[tuple[str, str]],
+                     scopes: list[str] | None = None) -> tuple[str, list[Source]]:
         """The retrieval query for a follow-up, made understandable without the conversation, and
         what it finds. 'concat' tries the question alone and with earlier questions in front."""
         condense = self.settings.chat.condense
         if not history or condense == "off":
-            return question, self.retriever.retrieve(question)
+            return question, self.retriever.retrieve(question, scopes)
         if condense == "concat":
             found: dict[str, list[Source]] = {}
 
             def top_score(query: str) -> float | None:
-                found[query] = self.retriever.retrieve(query)
+                found[query] = self.retriever.retrieve(query, scopes)
                 return found[query][0].score if found[query] else None
 
             query = best_query(followup_queries(question, history, self.settings.chat.condense_turns), top_score)
@@ -253,7 +255,7 @@ class ConversationalRagChain:
             rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
         query = rewritten or followup_queries(question, history, 1)[-1]
-        return query, self.retriever.retrieve(query)
+        return query, self.retriever.retrieve(query, scopes)
 
     def _fit(
         self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]], answer: Answer,

@@ -66,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
 def ensure_indexed(runtime, settings: Settings) -> None:
     """First start: an empty collection gets the demo knowledge base, with visible progress."""
     corpus = settings.chat.demo_corpus
-    if runtime.collection.count() > 0 or corpus is None or not Path(corpus).is_dir():
+    if runtime.store.count() > 0 or corpus is None or not Path(corpus).is_dir():
         return
     print(f"The index is empty: indexing {corpus} (first start, about a minute)...", file=sys.stderr, flush=True)
     report = runtime.indexer.run([Path(corpus)], progress=sys.stderr.isatty(),

@@ -97,9 +97,16 @@ class LLMSettings(_Section):
 
 
 class QdrantSettings(_Section):
-    url: str | None = Field(None, description="Qdrant server URL; unset means embedded local mode")
+    backend: Literal["edge", "server"] | None = Field(
+        None, description="'edge': Qdrant Edge in-process in qdrant.path (one process at a time); 'server': "
+        "a Qdrant server at qdrant.url. Unset: server when qdrant.url is set, else edge",
+    )
+    url: str | None = Field(None, description="Qdrant server URL; unset means the embedded store (edge)")
     api_key: str | None = None
-    path: Path | None = Field(None, description="local-mode folder; default <data_dir>/qdrant; ':memory:' for tests")
+    path: Path | None = Field(
+        None, description="the embedded store's folder; default <data_dir>/qdrant; ':memory:' for a "
+        "temporary folder removed at close (tests)",
+    )
     collection: str = Field("ragtune", pattern=r"^[A-Za-z0-9_\-]{1,128}$")
     timeout_s: int = Field(30, ge=1)
     shard_number: int | None = Field(None, ge=1, description="server cluster: shards of a new collection")
@@ -111,6 +118,14 @@ class QdrantSettings(_Section):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("qdrant.url must start with http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _server_has_url(self) -> "QdrantSettings":
+        if self.backend == "server" and not self.url:
+            raise ValueError("qdrant.backend=server needs qdrant.url")
+        if self.backend == "edge" and self.url:
+            raise ValueError("qdrant.backend=edge is the embedded store: unset qdrant.url, or use backend server")
+        return self
 
 
 class IngestSettings(_Section):
@@ -161,7 +176,18 @@ class RetrievalSettings(_Section):
     search: Literal["similarity", "mmr"] = "similarity"
     fetch_k: int = Field(20, ge=1, description="MMR: candidates to diversify from")
     mmr_lambda: float = Field(0.5, ge=0.0, le=1.0, description="MMR: 1 = relevance only, 0 = diversity only")
-    score_threshold: float | None = Field(0.25, ge=-1.0, le=1.0, description="cosine below which a chunk is dropped")
+    score_threshold: float | None = Field(
+        0.25, ge=-1.0, le=1.0, description="dense cosine below which a chunk is dropped (also for chunks "
+        "that BM25 or fusion ranked: the threshold always reads the cosine)",
+    )
+    method: Literal["dense", "sparse", "fused"] = Field(
+        "fused", description="'dense': embedding similarity; 'sparse': BM25 on the words; 'fused': both, "
+        "merged by reciprocal rank fusion (docs/evals.md compares the three on the demo)",
+    )
+    candidates: int = Field(20, ge=1, le=1000, description="fused: chunks each side (dense, BM25) offers the fusion")
+    vector: str = Field("dense", pattern=r"^[A-Za-z0-9_\-]{1,64}$",
+                        description="the named dense vector searched ('dense': embedding.model's)")
+    hnsw_ef: int | None = Field(256, ge=1, description="HNSW search breadth (higher: closer to exact search, slower)")
 
 
 class ChatSettings(_Section):
@@ -328,7 +354,7 @@ class Settings(BaseSettings):
     # -- derived paths: one definition each, so no module builds them by hand --------------
     @property
     def qdrant_location(self) -> str:
-        """What QdrantClient is opened with: a URL, ':memory:', or a local folder."""
+        """Where the store is: a server URL, ':memory:', or the embedded store's folder."""
         if self.qdrant.url:
             return self.qdrant.url
         if self.qdrant.path is not None and str(self.qdrant.path) == ":memory:":

@@ -167,7 +167,7 @@ def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", 
         "generation": backend,  # threads, batch size...: recorded, not compared
         "adapter": _adapter_description(backend.get("adapter")),
         "embedder": runtime.embedder.info.name,
-        "collection": {"name": settings.qdrant.collection, "points": runtime.collection.count()},
+        "collection": {"name": settings.qdrant.collection, "points": runtime.store.count()},
         "retrieval": settings.retrieval.model_dump() | {"recall_k": max(RECALL_AT)},
         "condense": settings.chat.condense,
         "condense_turns": settings.chat.condense_turns,
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, ModelUnavailableError) as exc:
         return _fail(str(exc))
     try:
-        if runtime.collection.count() == 0 and any(m in ("rag", "hybrid", "extractive") for m in modes):
+        if runtime.store.count() == 0 and any(m in ("rag", "hybrid", "extractive") for m in modes):
             return _fail(f"the collection {settings.qdrant.collection!r} is empty: index the documents first "
                          f"(python -m ingest data/demo, or the PubMedQA corpus with --collection)")
         notes = [f"skipped question record: {p}" for p in qa.problems]

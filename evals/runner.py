@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from core.generation import LikelihoodUnavailable
 from core.modes import ADAPTED_MODES, RETRIEVING_MODES
 from core.prompts import NOT_COVERED, ContextChunk, build_messages
+from core.store import PUBLIC_SCOPE
 from evals.metrics import RECALL_AT, score_record
 from evals.questions import EvalQuestion
 from evals.records import RecordLog
@@ -44,15 +45,12 @@ EXTRACTIVE_SENTENCES = 2
 
 class Evaluator:
     def __init__(self, runtime: "Runtime", records: RecordLog, seed: int = 0):
-        from core.retrieval import Retriever
-
         self.runtime = runtime
         self.chain = runtime.chain
         self.records = records
         self.seed = seed
         settings = runtime.settings
-        wide = settings.retrieval.model_copy(update={"k": max(RECALL_AT)})
-        self.recall_retriever = Retriever(self.chain.retriever.store, settings.model_copy(update={"retrieval": wide}))
+        self.recall_retriever = self.chain.retriever.with_settings(k=max(RECALL_AT))
         self._conversations: dict[tuple[str, str], str] = {}  # (mode, set's conversation id) -> chain's id
 
     # -- the loop ----------------------------------------------------------------------------
@@ -108,7 +106,7 @@ class Evaluator:
         if mode in RETRIEVING_MODES:
             retrieved = [
                 {"source": s.source, "page": s.page, "score": s.score}
-                for s in self.recall_retriever.retrieve(answer.query)
+                for s in self.recall_retriever.retrieve(answer.query, scopes=[PUBLIC_SCOPE])
             ]
         record |= {
             "query": answer.query,
@@ -150,7 +148,7 @@ class Evaluator:
         memory = self.chain.memory
         conversation = self._chain_conversation(EXTRACTIVE, question)
         history = memory.turns(OWNER, conversation) if conversation else []
-        query, sources = self.chain.retrieve_for(question.question, history)
+        query, sources = self.chain.retrieve_for(question.question, history, [PUBLIC_SCOPE])
         sources = prefer_newer(sources)
         units = closest_sentences(self.runtime.embedder.embeddings, question.question,
                                   [(s.n, s.text) for s in sources], limit=EXTRACTIVE_SENTENCES)
@@ -165,7 +163,7 @@ class Evaluator:
         record |= {
             "query": query,
             "retrieved": [{"source": s.source, "page": s.page, "score": s.score}
-                          for s in self.recall_retriever.retrieve(query)],
+                          for s in self.recall_retriever.retrieve(query, scopes=[PUBLIC_SCOPE])],
             "answer": answer, "refused": None if units else "nothing retrieved",
             "sources": [{"n": s.n, "source": s.source, "title": s.title, "page": s.page, "section": s.section,
                          "score": s.score, "cited": s.n in cited, "text": s.text} for s in sources],
