@@ -130,15 +130,6 @@ INSTRUCTIONS = {
                      "detail it leaves out. Do not answer it."),
 }
 
-EXAMPLES = {
-    "factual": {"question": "What is the usual starting dose of Examplol?", "answer": "Examplol starts at 5 mg once daily."},
-    "abbreviation": {"question": "Examplol dose in CKD?", "answer": "In CKD with eGFR below 30, Examplol is 2.5 mg once daily."},
-    "followup": {"question": "What is Examplol used for?", "answer": "Examplol treats hypertension.",
-                 "followup": "And its usual dose?", "followup_answer": "5 mg once daily."},
-    "unanswerable": {"question": "Can Examplol be crushed for a feeding tube?"},
-}
-
-
 def reply_schema(kind: str) -> dict[str, Any]:
     """The JSON schema of a reply: every field a required non-empty string."""
     fields = list(REPLY_MODELS[kind].model_fields)
@@ -147,12 +138,14 @@ def reply_schema(kind: str) -> dict[str, Any]:
 
 
 def teacher_messages(kind: str, chunk: "Chunk") -> list[dict[str, str]]:
+    # No example reply: the 135M model copied one's drug name into its questions (measured), and a
+    # schema-held reply (grammar or json_schema) needs none.
     where = chunk.title + (f", {chunk.section}" if chunk.section else "")
     return [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": (
             f"Passage from \"{where}\":\n<<<\n{chunk.text}\n>>>\n\n{INSTRUCTIONS[kind]}\n\n"
-            f"Reply as JSON like this example (about another passage): {json.dumps(EXAMPLES[kind])}")},
+            f"Reply as one JSON object with the keys {', '.join(REPLY_MODELS[kind].model_fields)}.")},
     ]
 
 
@@ -194,15 +187,33 @@ class LocalTeacher(Teacher):
         llm = settings.llm.model_copy(update={"temperature": teacher.temperature, "adapter": None})
         self.backend = build_backend(settings.model_copy(update={"llm": llm}))
         self.max_new_tokens = teacher.max_new_tokens
+        self.temperature = teacher.temperature
+        self.repeat_penalty = settings.llm.repetition_penalty
         described = self.backend.describe()
         self.name = f"local {described['backend']}: {described['weights']}"
 
     def ask(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> TeacherReply:
-        # The local backends take no grammar, so the schema is only in the prompt's example.
+        if self.backend.name == "llamacpp":
+            return self._ask_llamacpp(messages, schema)
+        # transformers takes no grammar: the schema is only in the prompt, and a small model strays from it.
         message = self.backend.chat_model(False, self.max_new_tokens).invoke(
             [(m["role"], m["content"]) for m in messages])
         text = str(message.content)
         return TeacherReply(text=text, tokens=self.backend.count_tokens(text))
+
+    def _ask_llamacpp(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> TeacherReply:
+        # llama.cpp turns the schema into a grammar, so even the 135M model writes the JSON asked for
+        # (measured: without it, 10 of 12 of its replies were prose); the backend's chat model has no
+        # grammar parameter, so the call goes to its base Llama instance, under that instance's lock.
+        instance = self.backend.instance(False)
+        with instance.lock:
+            reply = instance.llama.create_chat_completion(
+                messages=[dict(m) for m in messages], response_format={"type": "json_object", "schema": schema},
+                max_tokens=self.max_new_tokens, temperature=self.temperature, seed=0,
+                repeat_penalty=self.repeat_penalty,
+            )
+        text = reply["choices"][0]["message"].get("content") or ""
+        return TeacherReply(text=text, tokens=int(reply.get("usage", {}).get("completion_tokens") or 0))
 
     def close(self) -> None:
         self.backend.close()
