@@ -620,7 +620,6 @@ def synthesize(
             raise InputError(f"Qdrant collection {settings.qdrant.collection!r} is empty or missing; index the "
                              f"documents first, e.g. python -m ingest data/demo")
         collection.check_embedder(embedder.info)
-        teacher = teacher or build_teacher(settings, options.seed)
         out.mkdir(parents=True, exist_ok=True)
         _check_run(out, {"collection": settings.qdrant.collection, "seed": options.seed, "kinds": settings.synth.kinds,
                          "teacher": settings.synth.teacher.backend})
@@ -642,10 +641,11 @@ def synthesize(
         for record in kept + hard:
             duplicates.add(record["question"] if record.get("turn") != 2 else " ".join(
                 [_first_turn(record, kept + hard), record["question"]]))
-        synthesizer = Synthesizer(settings, teacher, retriever, duplicates)
-
         chunks = sample_chunks(client, settings.qdrant.collection, options.seed, options.chunks)
         units = [(c, k) for c in chunks for k in settings.synth.kinds]
+        if teacher is None and any((c.id, k) not in done for c, k in units):
+            teacher = build_teacher(settings, options.seed)  # not loaded when nothing is left to ask
+        synthesizer = Synthesizer(settings, teacher or Teacher(), retriever, duplicates)
         tokens = sum(int(e.get("tokens", 0)) for e in entries)
         this_run: Counter = Counter()
         failures: list[str] = []
@@ -701,7 +701,7 @@ def synthesize(
         "chunks": {"sampled": len(chunks), "units_done": len(done), "units_before_this_run": len(before),
                    "units_failed_now": len({(e["chunk_id"], e["kind"]) for e in entries if e["status"] == "failed"}
                                            - set(done))},
-        "teacher": {"name": teacher.name, "tokens": tokens},
+        "teacher": {"name": teacher.name if teacher else "none needed (nothing left to ask)", "tokens": tokens},
         "stopped_by": stopped, "wall_s": round(time.monotonic() - started, 1),
         "options": options.model_dump(), "settings": settings.synth.model_dump(exclude={"teacher": {"api_key"}}),
         "collection": settings.qdrant.collection,
