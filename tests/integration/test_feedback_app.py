@@ -111,7 +111,7 @@ def test_thumbs_in_the_app_train_an_adapter_that_the_chat_serves(tmp_path: Path,
         "eval_batch_size: 1\ngroup_by_length: false\nmax_length: 2048\nmax_steps: 1\nsave_steps: 1\nlogging_steps: 1\n"
         "check_examples: 1\n")
     code = main(["train", "--config", str(config), "--settings", str(settings_file), "--no-progress", "--force",
-                 "--set", f"name=app-feedback"])
+                 "--set", "name=app-feedback"])
     adapter = session_data_dir / "adapters" / "app-feedback"
     assert code == 0 and (adapter / "adapter_model.gguf").is_file()
     timings["trained"] = time.time()
@@ -121,7 +121,7 @@ def test_thumbs_in_the_app_train_an_adapter_that_the_chat_serves(tmp_path: Path,
     # The chat serves it: a runtime with llm.adapter pointed at it answers in hybrid with its LoRA.
     from chatbot.runtime import build_runtime
 
-    settings = load_settings(settings_file, {"llm": {"adapter": str(adapter)}})
+    settings = load_settings(settings_file, {"llm": {"adapter": str(adapter), "max_new_tokens": 16}})
     runtime = build_runtime(settings)
     try:
         answer = runtime.chain.ask(QUESTIONS[0], owner="user:tester", mode="hybrid")
