@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"chat": settings.chat.model_copy(update={"history_db": Path(scratch) / "bench.sqlite3"})})
         runtime = build_runtime(settings)
         try:
-            if runtime.collection.count() == 0:
+            if runtime.store.count() == 0:
                 print("the collection is empty: run python -m ingest data/demo first")
                 return 1
             print(f"{len(questions)} questions; generation {json.dumps(runtime.generation.describe())}; "
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.anchor:
                 # Same index, embedder and questions; another backend (built and closed here).
                 other = settings.model_copy(update={"llm": settings.llm.model_copy(update={"backend": backend})})
-                anchor = build_runtime(other, client=runtime.client, embedder=runtime.embedder)
+                anchor = build_runtime(other, store=runtime.store, embedder=runtime.embedder)
                 try:
                     found = _chain_rows(anchor, [m for m in ("rag", "hybrid") if m in modes], questions, f"{backend} ")
                 finally:

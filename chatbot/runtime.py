@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from core.embeddings import Embedder, load_embedder
+from core.evidence import EvidenceSelector
 from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
-from core.store import Collection, collection_for, open_client
+from core.store import Store, open_store
 from chatbot.chain import ConversationalRagChain
 from core.retrieval import Retriever
 from chatbot.identity import Identities
@@ -23,18 +23,14 @@ from ingest.indexer import Indexer
 from ingest.service import build_indexer
 from ingest.uploads import UploadService
 
-if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
-
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Runtime:
     settings: Settings
-    client: "QdrantClient"
+    store: Store
     embedder: Embedder
-    collection: Collection
     indexer: Indexer
     memory: ChatMemory
     chain: ConversationalRagChain
@@ -43,9 +39,11 @@ class Runtime:
     uploads: UploadService
     generation: GenerationBackend
     owns_generation: bool = True  # False when the caller passed the backend in (and closes it)
+    owns_store: bool = True  # likewise for the store
 
     def close(self) -> None:
-        self.client.close()
+        if self.owns_store:
+            self.store.close()
         if self.owns_generation:
             self.generation.close()
 
@@ -53,30 +51,29 @@ class Runtime:
 def build_runtime(
     settings: Settings,
     *,
-    client: "QdrantClient | None" = None,
+    store: Store | None = None,
     embedder: Embedder | None = None,
     generation: GenerationBackend | None = None,
 ) -> Runtime:
     """Build what is not passed in. ``generation``: a backend to share (tests, benchmarks); it
-    must have been built from these settings' ``llm`` section."""
-    from langchain_qdrant import QdrantVectorStore
-
+    must have been built from these settings' ``llm`` section. ``store``: an open store to use
+    (the caller closes it)."""
     owns_generation = generation is None
     # Loads no weights yet (the app answers /healthz while they load), but a missing GGUF or
     # adapter fails here, at start-up, not at the first question.
     generation = generation or build_backend(settings)
-    client = client or open_client(settings)
+    owns_store = store is None
+    store = store or open_store(settings)
     embedder = embedder or load_embedder(settings.embedding)
-    collection = collection_for(client, settings)
-    collection.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
-    store = QdrantVectorStore(client=client, collection_name=settings.qdrant.collection, embedding=embedder.embeddings)
+    store.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
     memory = ChatMemory(settings.history_db)
-    chain = ConversationalRagChain(settings, Retriever(store, settings), generation, memory)
-    indexer = build_indexer(settings, client, embedder)
+    evidence = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
+    chain = ConversationalRagChain(settings, Retriever(store, embedder, settings), generation, memory, evidence)
+    indexer = build_indexer(settings, store, embedder)
     return Runtime(
-        settings=settings, client=client, embedder=embedder, collection=collection,
+        settings=settings, store=store, embedder=embedder,
         indexer=indexer, memory=memory, chain=chain,
         identities=Identities.from_file(settings.secret_file), limiter=QuestionLimiter(settings.limits),
         uploads=UploadService(settings, indexer),
-        generation=generation, owns_generation=owns_generation,
+        generation=generation, owns_generation=owns_generation, owns_store=owns_store,
     )

@@ -1,19 +1,24 @@
-"""The chat's retriever (evals use it too): Qdrant search and the numbered sources it returns.
+"""The one retriever: the chat, fine-tuning data and evals all get their chunks here.
 
-``Retriever.retrieve`` applies k, MMR and the score threshold from ``retrieval`` settings and
-returns numbered ``Source`` records (the number is the [n] the prompt gives the chunk).
+``Retriever.retrieve`` embeds the query, searches the store (``retrieval.method``: dense,
+BM25 or both fused by RRF, on the named vector ``retrieval.vector``), restricted to the scopes
+the caller may read, applies MMR and the score threshold from ``retrieval`` settings and returns
+numbered ``Source`` records (the number is the [n] the prompt gives the chunk). The threshold
+always reads the chunk's dense cosine, whatever ranked it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from core.prompts import ContextChunk
-from core.settings import Settings
+from core.settings import RetrievalSettings, Settings
+from core.store import CONTENT_KEY, METADATA_KEY, Hit, SearchFilter, Store
 
 if TYPE_CHECKING:
-    from langchain_qdrant import QdrantVectorStore
+    from core.embeddings import Embedder
 
 
 @dataclass
@@ -28,29 +33,85 @@ class Source:
     page: int | None = None
     section: str | None = None
     cited: bool = False
+    evidence: list[str] = field(default_factory=list)  # its units the answer rests on (highlighted)
+    supersedes: list[str] = field(default_factory=list)  # documents its own replaces (front matter)
+    superseded_by: str | None = None  # set when a newer retrieved document replaces this one
 
+
+def chunk_of(hit: Hit) -> ContextChunk:
+    return ContextChunk.from_metadata(str(hit.payload.get(CONTENT_KEY, "")), hit.payload.get(METADATA_KEY) or {})
+
+
+def source_of(hit: Hit, n: int) -> Source:
+    """A hit as a numbered source, with the documents its own supersedes (front matter)."""
+    shown = {k: v for k, v in asdict(chunk_of(hit)).items() if k != "n"}
+    metadata = hit.payload.get(METADATA_KEY) or {}
+    return Source(n=n, score=round(hit.score, 4), **shown, supersedes=list(metadata.get("supersedes") or []))
 
 
 class Retriever:
-    """Qdrant search through langchain-qdrant, with k / MMR / score threshold from settings."""
+    """Search through the store interface, with k / method / MMR / score threshold from settings."""
 
-    def __init__(self, store: "QdrantVectorStore", settings: Settings):
+    def __init__(self, store: Store, embedder: "Embedder", settings: Settings | RetrievalSettings):
         self.store = store
-        self.settings = settings.retrieval
+        self.embedder = embedder
+        self.settings = settings.retrieval if isinstance(settings, Settings) else settings
 
-    def retrieve(self, query: str) -> list[Source]:
-        vector = self.store.embeddings.embed_query(query)
-        if self.settings.search == "mmr":
-            found = self.store.max_marginal_relevance_search_with_score_by_vector(
-                vector, k=self.settings.k, fetch_k=self.settings.fetch_k, lambda_mult=self.settings.mmr_lambda
-            )
-        else:
-            found = self.store.similarity_search_with_score_by_vector(vector, k=self.settings.k)
-        threshold = self.settings.score_threshold
-        sources = []
-        for document, score in found:
-            if threshold is not None and score < threshold:
-                continue
-            chunk = ContextChunk.from_metadata(document.page_content, document.metadata)
-            sources.append(Source(n=len(sources) + 1, score=round(float(score), 4), **asdict(chunk)))
+    def with_settings(self, **changes: object) -> "Retriever":
+        """The same store and embedder with some retrieval settings changed (evals: a wider k)."""
+        return Retriever(self.store, self.embedder, self.settings.model_copy(update=changes))
+
+    def embed(self, queries: Sequence[str]) -> list[list[float]]:
+        # embed_documents batches; HuggingFaceEmbeddings encodes queries with the same options.
+        return self.embedder.embeddings.embed_documents(list(queries))
+
+    def retrieve(self, query: str, scopes: Sequence[str] | None = None) -> list[Source]:
+        """The chunks for ``query`` the chat shows. ``scopes``: the scopes the asker may read
+        (``["public", UploadService.scope_for(owner)]``); None reads every scope."""
+        hits = self.hits(query, where=SearchFilter(scopes=scopes) if scopes is not None else None)
+        return [source_of(hit, n) for n, hit in enumerate(hits, 1)]
+
+    def hits(self, query: str, vector: list[float] | None = None, *, where: SearchFilter | None = None,
+             k: int | None = None, threshold: bool = True) -> list[Hit]:
+        """The ranked hits behind ``retrieve`` (fine-tuning passes its own ``vector`` and filters)."""
+        s = self.settings
+        k = k or s.k
+        if vector is None:
+            vector = self.embedder.embeddings.embed_query(query)
+        mmr = s.search == "mmr"
+        # More than k when BM25 ranks: a word match whose cosine fails the threshold must leave
+        # room for the next chunk, not shorten the list.
+        limit = max(s.fetch_k, k) if mmr else (k if s.method == "dense" else max(s.candidates, k))
+        found = self.store.search(
+            vector, query, limit, mode=s.method, where=where, using=s.vector,
+            candidates=s.candidates, hnsw_ef=s.hnsw_ef, with_vectors=mmr,
+        )
+        if mmr and found:
+            from langchain_core.vectorstores.utils import maximal_marginal_relevance
+            import numpy as np
+
+            order = maximal_marginal_relevance(np.array(vector), [h.vector for h in found], lambda_mult=s.mmr_lambda, k=k)
+            found = [found[i] for i in order]
+        if threshold and s.score_threshold is not None:
+            found = [h for h in found if h.score >= s.score_threshold]
+        return found[:k]
+
+
+def prefer_newer(sources: list[Source]) -> list[Source]:
+    """Fresh knowledge wins: a chunk of a document that another retrieved document supersedes
+    (its front matter ``supersedes: policies/old.md``) is marked so and moved behind the others;
+    the sources are renumbered so that [n] stays the order the model sees."""
+    replaced: dict[str, str] = {}
+    for source in sources:
+        for old in source.supersedes:
+            replaced.setdefault(old.strip("/"), source.source)
+    if not replaced:
         return sources
+    for source in sources:
+        for old, newer in replaced.items():
+            if source.source != newer and (source.source == old or source.source.endswith("/" + old)):
+                source.superseded_by = newer
+    ordered = [s for s in sources if s.superseded_by is None] + [s for s in sources if s.superseded_by]
+    for n, source in enumerate(ordered, start=1):
+        source.n = n
+    return ordered

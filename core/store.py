@@ -1,123 +1,234 @@
-"""Qdrant access: one client per process, and collections that know their embedder.
+"""The vector store: one interface, two Qdrant backends, chosen by ``qdrant.backend``.
 
-The name users configure (``qdrant.collection``) is a Qdrant *alias* pointing at a physical
-collection ``<name>__<n>``. Each physical collection records, in Qdrant's collection metadata,
-the embedder that made its vectors; opening it with another embedder fails fast instead of
-mixing vector spaces. ``--reembed`` builds a new physical collection beside the old one and
-switches the alias only once it is complete, so a failed re-embed loses nothing.
+- ``edge`` (default): Qdrant Edge (``qdrant-edge-py``), Qdrant's own engine in-process, in a
+  folder (``qdrant.path``, default ``<data_dir>/qdrant``). One process at a time.
+- ``server``: a Qdrant server or cluster through qdrant-client (``qdrant.url``).
 
-Points use langchain-qdrant's payload layout (``page_content`` + ``metadata``) so that
-``QdrantVectorStore`` reads what ingest writes.
+Both store the same points: the same ids, the same payload (``page_content`` + ``metadata``,
+with ``metadata.scope`` saying who may read the chunk) and the same vector names: the dense
+embedding as ``dense`` (room for more named dense vectors, e.g. ``dense_tuned`` for a fine-tuned
+embedder) and a BM25 sparse vector as ``bm25``. BM25 vectors are computed here, by Qdrant
+Edge's built-in ``Bm25`` for both backends, so documents and queries are tokenised the same way
+whichever engine holds them; the engine applies the IDF (``Modifier.IDF``).
+
+The name users configure (``qdrant.collection``) points at a physical generation
+``<name>__<n>`` (an alias on the server, a ``current`` file in the Edge folder). Each
+generation records the embedder that made its vectors; opening it with another embedder fails
+fast. ``--reembed`` builds a new generation beside the old one and switches only when it is
+complete, so a failed re-embed loses nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import warnings
-from pathlib import Path
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.embeddings import EmbedderInfo
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
+    from qdrant_edge import Bm25
 
 log = logging.getLogger(__name__)
 
 CONTENT_KEY = "page_content"
 METADATA_KEY = "metadata"
-_RECORD_KEY = "ragtune"
-SCHEMA_VERSION = 1
+DENSE = "dense"  # the base embedder's vector
+SPARSE = "bm25"  # the BM25 sparse vector
+SCOPE_KEY = "scope"  # metadata.scope: "public" or an upload's "owner:<digest>"
+PUBLIC_SCOPE = "public"
+INDEXED_FIELDS = ("doc_id", "source_file", SCOPE_KEY)  # keyword payload indexes under metadata.
+RECORD_KEY = "ragtune"
+SCHEMA_VERSION = 2  # 2: named vectors dense + bm25, metadata.scope
 
 
 class StoreError(RuntimeError):
-    """Qdrant cannot be used as configured; the message says why and what to do."""
+    """The store cannot be used as configured; the message says why and what to do."""
 
 
 class CollectionMismatchError(StoreError):
     """The collection was embedded with another model than the one configured."""
 
 
-def open_client(settings: Settings) -> "QdrantClient":
-    """The process's Qdrant client: a server by URL, ':memory:', or embedded local mode."""
-    from qdrant_client import QdrantClient
+@dataclass
+class StorePoint:
+    """A chunk to write: ``text`` is what BM25 indexes (the same text the embedder read)."""
 
-    location = settings.qdrant_location
-    if settings.qdrant.url:
-        return QdrantClient(url=location, api_key=settings.qdrant.api_key, timeout=settings.qdrant.timeout_s)
-    if location == ":memory:":
-        return QdrantClient(location=":memory:")
-    Path(location).mkdir(parents=True, exist_ok=True)
-    try:
-        return QdrantClient(path=location)
-    except RuntimeError as exc:
-        # Local mode locks its folder; a second process (often a running chat app) fails here.
-        raise StoreError(
-            f"the Qdrant folder {location} is in use by another process ({exc}). Stop that process "
-            "(e.g. the chat app), or run a Qdrant server and set qdrant.url (see compose.yaml)."
-        ) from exc
+    id: str
+    vectors: dict[str, list[float]]
+    text: str
+    payload: dict[str, Any]
 
 
-def _record(info: EmbedderInfo) -> dict[str, Any]:
-    return {_RECORD_KEY: {"embedder": info.name, "dimension": info.dimension, "schema": SCHEMA_VERSION}}
+@dataclass
+class StoredRecord:
+    id: str
+    payload: dict[str, Any]
+    vectors: dict[str, list[float]] = field(default_factory=dict)
 
 
-class Collection:
-    """The logical collection (an alias) and the physical collection behind it."""
+@dataclass
+class Hit:
+    """A found chunk. ``score`` is always the cosine of the query and the chunk's dense vector,
+    whatever ranked it (RRF scores are not comparable to ``retrieval.score_threshold``)."""
 
-    def __init__(self, client: "QdrantClient", name: str, shard_number: int | None = None,
-                 replication_factor: int | None = None):
-        self.client = client
+    id: str
+    score: float
+    payload: dict[str, Any]
+    vector: list[float] | None = None
+
+
+@dataclass
+class SearchFilter:
+    """Which chunks a search may return: by scope, and (fine-tuning) by document and page."""
+
+    scopes: Sequence[str] | None = None  # None: every scope
+    doc_id: str | None = None
+    not_doc_id: str | None = None
+    page: int | None = None
+
+
+@dataclass
+class RecordedEmbedder:
+    embedder: str
+    dimension: int
+    schema: int
+
+    def info(self) -> EmbedderInfo:
+        return EmbedderInfo(name=self.embedder, dimension=self.dimension, max_tokens=0)
+
+
+def record_of(info: EmbedderInfo) -> dict[str, Any]:
+    return {"embedder": info.name, "dimension": info.dimension, "schema": SCHEMA_VERSION}
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na = sum(x * x for x in a) ** 0.5
+    nb = sum(y * y for y in b) ** 0.5
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def ranked(scored: list[tuple[float, Hit]]) -> list[Hit]:
+    """Hits in the engine's order, ties (RRF gives equal scores to a chunk first in one list and
+    one first in the other) broken by cosine, then id: the same query always lists the same chunks."""
+    return [hit for _, hit in sorted(scored, key=lambda pair: (-pair[0], -pair[1].score, pair[1].id))]
+
+
+class Store(ABC):
+    """One logical collection (``name``) and its physical generations ``<name>__<n>``.
+
+    Methods taking ``physical`` act on one generation (ingest writes a new one during
+    ``--reembed``); ``search`` and ``count`` read the current one."""
+
+    def __init__(self, name: str):
+        from qdrant_edge import Bm25
+
         self.name = name
-        # Only a new physical collection takes these (a cluster's layout); None = server default.
-        self.shard_number = shard_number
-        self.replication_factor = replication_factor
+        # Qdrant Edge's BM25 (English tokeniser, stemmer, stop words) on both backends, so that
+        # documents and queries are tokenised alike wherever they are stored.
+        self.bm25: "Bm25" = Bm25()
 
-    # -- what is there ---------------------------------------------------------------------
+    # -- generations -----------------------------------------------------------------------
+    @abstractmethod
     def physical_name(self) -> str | None:
-        """The collection the alias points at; the name itself for a plain collection."""
-        for alias in self.client.get_aliases().aliases:
-            if alias.alias_name == self.name:
-                return alias.collection_name
-        return self.name if self.client.collection_exists(self.name) else None
+        """The generation the name points at (None: nothing yet)."""
 
+    @abstractmethod
+    def generations(self) -> list[str]:
+        """Every ``<name>__<n>`` there is, current or not."""
+
+    @abstractmethod
+    def recorded(self, physical: str) -> RecordedEmbedder | None: ...
+
+    @abstractmethod
+    def _create(self, physical: str, info: EmbedderInfo) -> None:
+        """Create an empty generation with the vectors, payload indexes and embedder record."""
+
+    @abstractmethod
+    def point_alias_at(self, physical: str) -> str | None:
+        """Atomically point the name at ``physical``; returns what it pointed at before."""
+
+    @abstractmethod
+    def drop(self, physical: str) -> None: ...
+
+    # -- data ------------------------------------------------------------------------------
+    @abstractmethod
+    def upsert(self, physical: str, points: list[StorePoint]) -> None:
+        """Write points durably (returns when they survive a kill)."""
+
+    @abstractmethod
+    def delete_document(self, physical: str, doc_id: str, keep_hash: str | None = None) -> None:
+        """Delete a document's points: all of them, or all but those of ``keep_hash``."""
+
+    @abstractmethod
+    def add_dense_vector(self, physical: str, name: str, dimension: int) -> None:
+        """A second named dense vector beside ``dense`` (e.g. ``dense_tuned``, a fine-tuned
+        embedder's), so that one index can be searched two ways (``retrieval.vector``)."""
+
+    @abstractmethod
+    def set_vectors(self, physical: str, name: str, vectors: dict[str, list[float]]) -> None:
+        """Set the named vector of existing points (point id -> vector); payloads stay."""
+
+    @abstractmethod
+    def scroll(self, physical: str, fields: Sequence[str] | None = None, with_vectors: bool = False,
+               page: int = 1024) -> Iterator[StoredRecord]:
+        """Every point's payload (``fields``: only these ``metadata.`` keys), optionally vectors."""
+
+    @abstractmethod
+    def count(self, where: SearchFilter | None = None) -> int: ...
+
+    @abstractmethod
+    def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
+               where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
+        """Top ``k`` ranked by ``mode``: 'dense' (``vector`` on the named vector ``using``),
+        'sparse' (BM25 on ``text``) or 'fused' (both, each side prefetching ``candidates``,
+        merged by RRF). Each hit's score is its dense cosine with ``vector`` whatever ranked it.
+        ``exact``: search the dense vectors without the HNSW index (the benchmark's ground truth)."""
+
+    def optimize(self) -> None:
+        """Build the search indexes now (Edge: HNSW); the server does this itself."""
+
+    def close(self) -> None:
+        """Release the store (Edge: its folder lock)."""
+
+    # -- shared logic ----------------------------------------------------------------------
     def exists(self) -> bool:
         return self.physical_name() is not None
 
     def recorded_embedder(self, physical: str | None = None) -> EmbedderInfo | None:
         physical = physical or self.physical_name()
-        if physical is None:
-            return None
-        info = self.client.get_collection(physical)
-        record = (info.config.metadata or {}).get(_RECORD_KEY)
-        if not record:
-            return None
-        return EmbedderInfo(name=record["embedder"], dimension=int(record["dimension"]), max_tokens=0)
+        record = self.recorded(physical) if physical else None
+        return record.info() if record else None
 
-    def count(self) -> int:
-        return self.client.count(self.name, exact=True).count if self.exists() else 0
-
-    # -- opening -----------------------------------------------------------------------------
     def check_embedder(self, info: EmbedderInfo) -> None:
         """Fail fast when the stored vectors come from another embedder."""
         physical = self.physical_name()
         if physical is None:
             return
-        recorded = self.recorded_embedder(physical)
-        if recorded is None:
+        record = self.recorded(physical)
+        if record is None:
             raise CollectionMismatchError(
-                f"Qdrant collection {self.name!r} has no ragtune embedder record, so its vectors "
-                "cannot be trusted to match. Rebuild it: python -m ingest PATH... --reembed"
+                f"collection {self.name!r} has no ragtune embedder record, so its vectors cannot be "
+                "trusted to match. Rebuild it: python -m ingest PATH... --reembed"
             )
-        if (recorded.name, recorded.dimension) != (info.name, info.dimension):
+        if (record.embedder, record.dimension) != (info.name, info.dimension):
             raise CollectionMismatchError(
-                f"Qdrant collection {self.name!r} was embedded with {recorded.name} "
-                f"({recorded.dimension} dimensions), but embedding.model is {info.name} "
+                f"collection {self.name!r} was embedded with {record.embedder} "
+                f"({record.dimension} dimensions), but embedding.model is {info.name} "
                 f"({info.dimension} dimensions). Re-embed it with the new model: "
                 f"python -m ingest PATH... --reembed (the old index stays until the new one is "
-                f"complete), or set embedding.model back to {recorded.name}."
+                f"complete), or set embedding.model back to {record.embedder}."
+            )
+        if record.schema < SCHEMA_VERSION:
+            raise StoreError(
+                f"collection {self.name!r} was written by an older ragtune (no BM25 vectors or scopes). "
+                "Move it: python -m ingest migrate (nothing is dropped), or rebuild: python -m ingest PATH... --reembed"
             )
 
     def ensure(self, info: EmbedderInfo) -> str:
@@ -130,64 +241,41 @@ class Collection:
         return physical
 
     def create_physical(self, info: EmbedderInfo) -> str:
-        from qdrant_client import models
-
-        taken = {c.name for c in self.client.get_collections().collections}
         pattern = re.compile(rf"^{re.escape(self.name)}__(\d+)$")
-        generation = 1 + max((int(m.group(1)) for n in taken if (m := pattern.match(n))), default=0)
+        generation = 1 + max((int(m.group(1)) for n in self.generations() if (m := pattern.match(n))), default=0)
         physical = f"{self.name}__{generation}"
-        self.client.create_collection(
-            physical,
-            vectors_config=models.VectorParams(size=info.dimension, distance=models.Distance.COSINE),
-            metadata=_record(info),
-            shard_number=self.shard_number,
-            replication_factor=self.replication_factor,
-        )
-        # Ingest filters by document on every update; a server wants an index for that. Local
-        # mode accepts the call but warns that it keeps no indexes, which is fine at its scale.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Payload indexes have no effect")
-            for field in ("doc_id", "source_file"):
-                self.client.create_payload_index(
-                    physical, f"{METADATA_KEY}.{field}", field_schema=models.PayloadSchemaType.KEYWORD
-                )
-        log.info("created Qdrant collection %s for %s", physical, info.name)
+        self._create(physical, info)
+        log.info("created collection %s for %s", physical, info.name)
         return physical
 
     def drop_orphans(self) -> list[str]:
-        """Delete ``<name>__<n>`` collections no alias points at (a re-embed that died)."""
+        """Delete generations nothing points at (a re-embed that died)."""
         current = self.physical_name()
-        pattern = re.compile(rf"^{re.escape(self.name)}__\d+$")
-        orphans = [c.name for c in self.client.get_collections().collections
-                   if pattern.match(c.name) and c.name != current]
-        for name in orphans:
-            self.client.delete_collection(name)
-            log.info("dropped orphan collection %s", name)
+        orphans = [g for g in self.generations() if g != current]
+        for physical in orphans:
+            self.drop(physical)
+            log.info("dropped orphan collection %s", physical)
         return orphans
 
-    def point_alias_at(self, physical: str) -> str | None:
-        """Atomically (re)point the alias; returns the physical collection it pointed at before."""
-        from qdrant_client import models
 
-        previous = self.physical_name()
-        operations: list[Any] = []
-        if previous is not None and previous != physical:
-            if previous == self.name:
-                raise StoreError(
-                    f"{self.name!r} is a plain collection, not an alias; delete or rename it first"
-                )
-            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.name)))
-        if previous != physical:
-            operations.append(
-                models.CreateAliasOperation(
-                    create_alias=models.CreateAlias(collection_name=physical, alias_name=self.name)
-                )
-            )
-            self.client.update_collection_aliases(change_aliases_operations=operations)
-        return previous
+def store_backend(settings: Settings) -> str:
+    return settings.qdrant.backend or ("server" if settings.qdrant.url else "edge")
 
 
-def collection_for(client: "QdrantClient", settings: Settings) -> Collection:
-    """The configured collection, with the cluster layout settings for new physical ones."""
-    return Collection(client, settings.qdrant.collection, settings.qdrant.shard_number,
-                      settings.qdrant.replication_factor)
+def open_store(settings: Settings, collection: str | None = None) -> Store:
+    """The configured store for ``qdrant.collection`` (or ``collection``)."""
+    name = collection or settings.qdrant.collection
+    match store_backend(settings):
+        case "edge":
+            try:
+                from core.store_edge import EdgeStore
+            except ImportError as exc:
+                raise StoreError(f"qdrant.backend=edge needs qdrant-edge-py: pip install qdrant-edge-py==0.9.0 ({exc})") from exc
+            return EdgeStore.open(settings.qdrant_location, name)
+        case "server":
+            try:
+                from core.store_server import ServerStore
+            except ImportError as exc:
+                raise StoreError(f"qdrant.backend=server needs qdrant-client: pip install qdrant-client ({exc})") from exc
+            return ServerStore.connect(settings, name)
+    raise StoreError(f"unknown qdrant.backend {settings.qdrant.backend!r}")  # pragma: no cover - settings validate it

@@ -88,7 +88,7 @@ def compare(settings: Settings, paths: Sequence[Path], seed: int) -> str:
     settings = settings.model_copy(update={"retrieval": settings.retrieval.model_copy(update={"k": max(RECALL_AT)})})
     runtime = build_runtime(settings)  # the chat model stays unloaded: nothing here generates
     try:
-        if runtime.collection.count() == 0:
+        if runtime.store.count() == 0:
             raise StoreError(f"the collection {settings.qdrant.collection!r} is empty: index the documents first "
                              "(python -m ingest data/demo)")
         retriever = runtime.chain.retriever

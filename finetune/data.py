@@ -16,9 +16,9 @@ training and serving cannot drift apart. Each line is TRL's conversational promp
 format, ``{"prompt": [system, user], "completion": [assistant]}`` plus bookkeeping fields
 (``id``, ``case``, ``gold``, ``sources``) that training ignores.
 
-Gold chunk: the gold document's chunk most similar to the question (a Qdrant query filtered to
-that document, and to ``gold_page`` when the record names one). Distractors: the top chunks of
-other documents for the question. ``k`` defaults to ``retrieval.k - 1``, so an example shows as
+Gold chunk: the gold document's chunk the chat's retriever ranks first for the question (filtered
+to that document, and to ``gold_page`` when the record names one). Distractors: what the chat's
+retriever ranks highest for the question among other documents (same method, vector and MMR). ``k`` defaults to ``retrieval.k - 1``, so an example shows as
 many chunks as the chat chain retrieves. A follow-up turn keeps its earlier turns as chat history
 and is searched as the chain searches it (``chat.condense=concat``: the question alone or with
 earlier questions in front, whichever finds the closer chunk). Everything random (split, shuffles, which examples lose their
@@ -44,24 +44,27 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.embeddings import Embedder
-from core.prompts import NOT_COVERED, ContextChunk, best_query, build_messages, followup_queries
+from core.evidence import EvidenceSelector, EvidenceUnit, words
+from core.facts import numbers
+from core.prompts import NOT_COVERED, ContextChunk, best_query, build_messages, followup_queries, narrow_chunks
+from core.quotes import quote_target
 from core.qa import QARecord, check_disjoint, load_qa
 from core.settings import Settings
-from core.store import CONTENT_KEY, METADATA_KEY, Collection
+from core.retrieval import Retriever, chunk_of
+from core.store import METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY, Hit, SearchFilter
 from finetune.files import (
     InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json, write_jsonl,
 )
 from finetune.tokens import chat_token_count, length_stats
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
+    from core.store import Store
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["sft", "raft"]
 SPLITS = ("train", "validation")
-_SCROLL_PAGE = 1024
 
 
 class PrepareOptions(BaseModel):
@@ -78,6 +81,11 @@ class PrepareOptions(BaseModel):
         "with-history", description="follow-up turns: keep them (earlier turns as chat history) or leave them out"
     )
     max_tokens: int | None = Field(None, ge=32, description="longest example allowed; default llm.context_window")
+    raft_unanswerable: bool = Field(
+        True, description="RAFT examples for unanswerable records (target NOT_COVERED); false when the chat's "
+        "calibrated decline (retrieval.decline) decides 'not covered' and the adapter should always answer"
+    )
+    quotes: bool = Field(True, description="RAFT prompts show the evidence units and targets quote them first")
 
 
 @dataclass(frozen=True)
@@ -89,40 +97,32 @@ class Passage:
 
 
 # -- finding gold documents and retrieving chunks --------------------------------------------
-class QdrantPassages:
-    """The collection, seen as the chat chain sees it: question vectors in, numbered chunks out."""
+class Passages:
+    """The collection seen through the chat's own ``Retriever`` (same method, named vector and
+    MMR; the score threshold where the chat applies it, for choosing a follow-up's query), plus the lookup of a record's gold document. Only the shared knowledge base
+    (scope ``public``) is read: users' uploads never become training data."""
 
-    def __init__(self, client: "QdrantClient", collection: str, embedder: Embedder):
-        self.client = client
-        self.collection = collection
-        self.embedder = embedder
-        store = Collection(client, collection)
+    def __init__(self, retriever: Retriever):
+        self.retriever = retriever
+        store = retriever.store
+        self.collection = store.name
         if not store.exists():
             raise InputError(
-                f"Qdrant collection {collection!r} does not exist; index the documents first, "
-                f"e.g. python -m ingest data/demo --collection {collection}"
+                f"collection {store.name!r} does not exist; index the documents first, "
+                f"e.g. python -m ingest data/demo --collection {store.name}"
             )
-        store.check_embedder(embedder.info)
+        store.check_embedder(retriever.embedder.info)
         self._doc_by_source: dict[str, set[str]] = defaultdict(set)
         self._doc_by_record: dict[str, set[str]] = defaultdict(set)
-        self._load_document_index()
-
-    def _load_document_index(self) -> None:
-        keys = [f"{METADATA_KEY}.{k}" for k in ("doc_id", "source", "record_id")]
-        offset = None
-        while True:
-            points, offset = self.client.scroll(
-                self.collection, limit=_SCROLL_PAGE, offset=offset, with_payload=keys, with_vectors=False
-            )
-            for point in points:
-                meta = (point.payload or {}).get(METADATA_KEY, {})
-                if "doc_id" not in meta:
-                    continue
-                self._doc_by_source[str(meta.get("source", ""))].add(meta["doc_id"])
-                if meta.get("record_id") is not None:
-                    self._doc_by_record[str(meta["record_id"])].add(meta["doc_id"])
-            if offset is None:
-                return
+        physical = store.physical_name()
+        assert physical is not None
+        for point in store.scroll(physical, fields=["doc_id", "source", "record_id", SCOPE_KEY]):
+            meta = point.payload.get(METADATA_KEY, {})
+            if "doc_id" not in meta or meta.get(SCOPE_KEY, PUBLIC_SCOPE) != PUBLIC_SCOPE:
+                continue
+            self._doc_by_source[str(meta.get("source", ""))].add(meta["doc_id"])
+            if meta.get("record_id") is not None:
+                self._doc_by_record[str(meta["record_id"])].add(meta["doc_id"])
 
     def gold_document(self, record: QARecord) -> str:
         """The doc_id of the record's gold document; InputError naming the record otherwise."""
@@ -147,44 +147,32 @@ class QdrantPassages:
         return next(iter(found))
 
     def embed(self, questions: Sequence[str]) -> list[list[float]]:
-        # embed_documents batches; HuggingFaceEmbeddings encodes queries with the same options.
-        return self.embedder.embeddings.embed_documents(list(questions))
+        return self.retriever.embed(questions)
 
-    def best_in_document(self, vector: list[float], doc_id: str, page: int | None) -> Passage | None:
-        from qdrant_client import models
-
-        must = [models.FieldCondition(key=f"{METADATA_KEY}.doc_id", match=models.MatchValue(value=doc_id))]
-        if page is not None:
-            must.append(models.FieldCondition(key=f"{METADATA_KEY}.page", match=models.MatchValue(value=page)))
-        hits = self._query(vector, models.Filter(must=must), 1)
+    def best_in_document(self, query: str, vector: list[float], doc_id: str, page: int | None) -> Passage | None:
+        """The gold chunk: the document's chunk the retriever ranks first (no score threshold:
+        the record says it is the answer's source)."""
+        where = SearchFilter(scopes=[PUBLIC_SCOPE], doc_id=doc_id, page=page)
+        hits = self._passages(self.retriever.hits(query, vector, where=where, k=1, threshold=False))
         return hits[0] if hits else None
 
-    def top_score(self, vector: list[float]) -> float | None:
-        """The similarity of the collection's closest chunk (None when it is empty)."""
-        response = self.client.query_points(self.collection, query=vector, limit=1, with_payload=False)
-        return float(response.points[0].score) if response.points else None
+    def top_score(self, query: str, vector: list[float]) -> float | None:
+        """The score of the chunk the chat would show first (None when none passes the threshold)."""
+        hits = self.retriever.hits(query, vector, where=SearchFilter(scopes=[PUBLIC_SCOPE]), k=1)
+        return hits[0].score if hits else None
 
-    def top_outside(self, vector: list[float], exclude_doc_id: str | None, limit: int) -> list[Passage]:
-        from qdrant_client import models
-
-        query_filter = None
-        if exclude_doc_id is not None:
-            query_filter = models.Filter(must_not=[
-                models.FieldCondition(key=f"{METADATA_KEY}.doc_id", match=models.MatchValue(value=exclude_doc_id))
-            ])
-        return self._query(vector, query_filter, limit)
-
-    def _query(self, vector: list[float], query_filter: Any, limit: int) -> list[Passage]:
+    def top_outside(self, query: str, vector: list[float], exclude_doc_id: str | None, limit: int) -> list[Passage]:
+        """Distractors: what the chat's retriever ranks highest for the question, other documents
+        only. Without the score threshold: an example shows k + 1 chunks whether or not the gold
+        one is among them, so that the count gives nothing away."""
         if limit <= 0:
             return []
-        response = self.client.query_points(
-            self.collection, query=vector, query_filter=query_filter, limit=limit, with_payload=True
-        )
-        return [
-            Passage(doc_id=str(p.payload[METADATA_KEY]["doc_id"]), chunk=ContextChunk.from_metadata(
-                str(p.payload.get(CONTENT_KEY, "")), p.payload.get(METADATA_KEY) or {}))
-            for p in response.points
-        ]
+        where = SearchFilter(scopes=[PUBLIC_SCOPE], not_doc_id=exclude_doc_id)
+        return self._passages(self.retriever.hits(query, vector, where=where, k=limit, threshold=False))
+
+    @staticmethod
+    def _passages(hits: list[Hit]) -> list[Passage]:
+        return [Passage(doc_id=str(h.payload[METADATA_KEY]["doc_id"]), chunk=chunk_of(h)) for h in hits]
 
 
 # -- splitting and assembling ----------------------------------------------------------------
@@ -226,7 +214,7 @@ def conversation_history(record: QARecord, everything: list[QARecord]) -> list[t
 
 
 def embedded_queries(
-    records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: QdrantPassages, turns: int,
+    records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: Passages, turns: int,
 ) -> list[tuple[str, list[float]]]:
     """What the chat chain searches with for each record (chat.condense='concat', with
     chat.condense_turns = ``turns``), chosen by the same rule: the candidate query whose closest
@@ -235,14 +223,14 @@ def embedded_queries(
     texts = sorted({query for queries in candidates for query in queries})
     vectors = dict(zip(texts, passages.embed(texts))) if texts else {}
     chosen = [
-        queries[0] if len(queries) == 1 else best_query(queries, lambda q: passages.top_score(vectors[q]))
+        queries[0] if len(queries) == 1 else best_query(queries, lambda q: passages.top_score(q, vectors[q]))
         for queries in candidates
     ]
     return [(query, vectors[query]) for query in chosen]
 
 
 def retrieval_queries(
-    records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: QdrantPassages, turns: int,
+    records: Sequence[QARecord], histories: Sequence[list[tuple[str, str]]], passages: Passages, turns: int,
 ) -> list[str]:
     """The queries of :func:`embedded_queries`, without their vectors."""
     return [query for query, _ in embedded_queries(records, histories, passages, turns)]
@@ -265,19 +253,71 @@ def sft_example(record: QARecord, history: list[tuple[str, str]]) -> dict[str, A
     }
 
 
+def answer_quotes(answer: str, units: Sequence[EvidenceUnit], limit: int = 2) -> list[EvidenceUnit]:
+    """The shown units a reference answer rests on, for the target's quotes: the one that states
+    most of the answer's numbers and words, then a second only if it adds a number the first lacks.
+    Chosen among what the model is shown (the evidence selector's units), so the adapter learns to
+    copy from its prompt, exactly as it must when serving."""
+    wanted_numbers = set(numbers(answer))
+    wanted_words = set(words(answer))
+
+    def overlap(unit: EvidenceUnit) -> tuple[int, float]:
+        text = unit.for_prompt()
+        return (len(wanted_numbers & set(numbers(text))),
+                len(wanted_words & set(words(text))) / max(len(wanted_words), 1))
+
+    ranked = sorted(units, key=overlap, reverse=True)
+    # A unit sharing no number and under a quarter of the answer's words does not state it.
+    if not ranked or (overlap(ranked[0])[0] == 0 and overlap(ranked[0])[1] < 0.25):
+        return []
+    chosen = [ranked[0]]
+    missing = wanted_numbers - set(numbers(ranked[0].for_prompt()))
+    for unit in ranked[1:limit + 5]:
+        if len(chosen) >= limit or not missing:
+            break
+        adds = missing & set(numbers(unit.for_prompt()))
+        if adds:
+            chosen.append(unit)
+            missing -= adds
+    return chosen
+
+
 def raft_example(
     record: QARecord,
     history: list[tuple[str, str]],
     gold: Passage | None,
     distractors: list[Passage],
     seed: int,
+    selector: EvidenceSelector | None = None,
+    prompt_units: int = 4,
 ) -> dict[str, Any]:
-    """Shuffle gold + distractors (seeded by the record id), number them, and cite the gold one."""
+    """Shuffle gold + distractors (seeded by the record id), number them, and cite the gold one.
+
+    With a ``selector`` (the chat's EvidenceSelector), the prompt shows only the selected units under their chunk numbers, as the chain
+    does, and the target quotes the unit(s) that state the answer before the answer itself
+    (RAFT's chain-of-thought with quotes; core/quotes.py reads the format back)."""
     passages = ([gold] if gold is not None else []) + list(distractors)
     random.Random(f"{seed}:order:{record.id}").shuffle(passages)
+    chunks = [p.chunk for p in passages]
+    quotes: list[EvidenceUnit] = []
+    if selector is not None:
+        # Ranked by the question as asked, as the chain ranks them (retrieval used ``query``).
+        units = selector.rank(record.question, [(n, c.text) for n, c in enumerate(chunks, start=1)])
+        shown = units[:prompt_units]
+        if gold is not None:
+            # The gold chunk's unit that states the answer is always shown (in place of the weakest
+            # shown unit): a target whose facts are not in its prompt would teach the adapter to invent.
+            gold_n = passages.index(gold) + 1
+            stating = answer_quotes(record.answer_text(), [u for u in units if u.n == gold_n], limit=1)
+            if stating and stating[0] not in shown:
+                shown = shown[: prompt_units - 1] + stating
+            quotes = answer_quotes(record.answer_text(), shown)
+        chunks = narrow_chunks(chunks, shown)
     if gold is not None:
         number = passages.index(gold) + 1
-        target, case = with_citation(record.answer_text(), number), "gold"
+        answer = with_citation(record.answer_text(), quotes[0].n if quotes else number)
+        target = quote_target([(u.n, u.text) for u in quotes], answer)
+        case = "gold"
     else:
         number, target = None, NOT_COVERED
         case = "unanswerable" if record.unanswerable else "no_gold"
@@ -285,8 +325,9 @@ def raft_example(
         "id": record.id,
         "case": case,
         "gold": number,
+        "quotes": len(quotes),
         "sources": [p.chunk.source for p in passages],
-        "prompt": build_messages(record.question, [p.chunk for p in passages], history),
+        "prompt": build_messages(record.question, chunks, history),
         "completion": [{"role": "assistant", "content": target}],
     }
 
@@ -301,27 +342,36 @@ def choose_no_gold(records: list[QARecord], share: float, seed: int, split: str)
 def build_raft_examples(
     records: list[QARecord],
     everything: list[QARecord],
-    passages: QdrantPassages,
+    passages: Passages,
     options: PrepareOptions,
     split: str,
     distractors: int,
     condense_turns: int,
     progress: bool = False,
+    selector: EvidenceSelector | None = None,
+    prompt_units: int = 4,
 ) -> list[dict[str, Any]]:
     """RAFT examples; a follow-up is searched like the chat searches it (chat.condense_turns)."""
     from tqdm import tqdm
 
     no_gold = choose_no_gold(records, options.no_gold_share, options.seed, split)
     histories = [conversation_history(r, everything) for r in records]
-    vectors = [vector for _, vector in embedded_queries(records, histories, passages, condense_turns)]
+    queries = embedded_queries(records, histories, passages, condense_turns)
     examples: list[dict[str, Any]] = []
     problems: list[str] = []
     k = distractors
-    for record, history, vector in tqdm(
-        list(zip(records, histories, vectors)), desc=f"raft {split}", disable=not progress
+
+    def example(record: QARecord, history: list[tuple[str, str]], gold: Passage | None,
+                others: list[Passage]) -> dict[str, Any]:
+        return raft_example(record, history, gold, others, options.seed, selector if options.quotes else None,
+                            prompt_units)
+
+    for record, history, (query, vector) in tqdm(
+        list(zip(records, histories, queries)), desc=f"raft {split}", disable=not progress
     ):
         if record.unanswerable:
-            examples.append(raft_example(record, history, None, passages.top_outside(vector, None, k + 1), options.seed))
+            if options.raft_unanswerable:
+                examples.append(example(record, history, None, passages.top_outside(query, vector, None, k + 1)))
             continue
         try:
             doc_id = passages.gold_document(record)
@@ -329,13 +379,13 @@ def build_raft_examples(
             problems.append(str(exc))
             continue
         if record.id in no_gold:
-            examples.append(raft_example(record, history, None, passages.top_outside(vector, doc_id, k + 1), options.seed))
+            examples.append(example(record, history, None, passages.top_outside(query, vector, doc_id, k + 1)))
             continue
-        gold = passages.best_in_document(vector, doc_id, record.gold_page)
+        gold = passages.best_in_document(query, vector, doc_id, record.gold_page)
         if gold is None:
             problems.append(f"{record.where}: gold_page {record.gold_page} has no indexed chunk in {doc_id}")
             continue
-        examples.append(raft_example(record, history, gold, passages.top_outside(vector, doc_id, k), options.seed))
+        examples.append(example(record, history, gold, passages.top_outside(query, vector, doc_id, k)))
     raise_problems(problems, "gold documents not found")
     return examples
 
@@ -353,7 +403,7 @@ def prepare(
     out: Path,
     options: PrepareOptions,
     *,
-    client: "QdrantClient | None" = None,
+    store: "Store | None" = None,
     embedder: Embedder | None = None,
     tokenizer: "PreTrainedTokenizerBase | None" = None,
     val_qa_path: Path | None = None,
@@ -390,26 +440,29 @@ def prepare(
     embedder_name = None
     distractors = options.distractors if options.distractors is not None else settings.retrieval.k - 1
     if "raft" in options.kinds:
-        owns_client = client is None
+        owns_store = store is None
         if embedder is None:
             from core.embeddings import load_embedder
 
             embedder = load_embedder(settings.embedding)
-        if client is None:
-            from core.store import open_client
+        if store is None:
+            from core.store import open_store
 
-            client = open_client(settings)
+            store = open_store(settings)
         try:
-            passages = QdrantPassages(client, settings.qdrant.collection, embedder)
+            passages = Passages(Retriever(store, embedder, settings))
+            # The chat's evidence selection, so the adapter reads what the chain will show it.
+            selector = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
             examples["raft"] = {
                 name: build_raft_examples(
-                    part, everything, passages, options, name, distractors, settings.chat.condense_turns, progress
+                    part, everything, passages, options, name, distractors, settings.chat.condense_turns, progress,
+                    selector, settings.retrieval.evidence.prompt_units,
                 )
                 for name, part in splits.items()
             }
         finally:
-            if owns_client:
-                client.close()
+            if owns_store:
+                store.close()
         embedder_name = embedder.info.name
 
     limit = options.max_tokens or settings.llm.context_window

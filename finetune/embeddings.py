@@ -32,14 +32,15 @@ from core.embeddings import Embedder, packaged_embedder_source
 from core.hub import resolve
 from core.qa import QARecord, check_disjoint, load_qa
 from core.settings import Settings
-from core.store import CONTENT_KEY, METADATA_KEY
+from core.retrieval import Retriever
+from core.store import CONTENT_KEY, METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY
 from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
-from finetune.data import QdrantPassages, conversation_history, embedded_queries, retrieval_queries, split_records
+from finetune.data import Passages, conversation_history, embedded_queries, retrieval_queries, split_records
 from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
 from finetune.threads import training_threads
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
+    from core.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +81,23 @@ def payload_embed_text(payload: dict[str, Any]) -> str:
     return embed_text(meta.get("title", ""), meta.get("section"), str(payload.get(CONTENT_KEY, "")))
 
 
-def collection_corpus(client: "QdrantClient", collection: str) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """Every chunk of the collection as embedded text, and the chunk ids of each document."""
+def collection_corpus(store: "Store") -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Every shared chunk of the collection as embedded text (uploads are not training data), and
+    the chunk ids of each document."""
     corpus: dict[str, str] = {}
     by_doc: dict[str, set[str]] = {}
-    offset = None
-    while True:
-        points, offset = client.scroll(collection, limit=_SCROLL_PAGE, offset=offset, with_payload=True,
-                                       with_vectors=False)
-        for point in points:
-            payload = point.payload or {}
-            corpus[str(point.id)] = payload_embed_text(payload)
-            by_doc.setdefault(payload[METADATA_KEY]["doc_id"], set()).add(str(point.id))
-        if offset is None:
-            return corpus, by_doc
+    physical = store.physical_name()
+    for point in store.scroll(physical, page=_SCROLL_PAGE) if physical else []:
+        meta = point.payload.get(METADATA_KEY, {})
+        if meta.get(SCOPE_KEY, PUBLIC_SCOPE) != PUBLIC_SCOPE:
+            continue
+        corpus[point.id] = payload_embed_text(point.payload)
+        by_doc.setdefault(meta["doc_id"], set()).add(point.id)
+    return corpus, by_doc
 
 
 def training_pairs(
-    records: list[QARecord], everything: list[QARecord], passages: QdrantPassages, swapper: AbbreviationSwapper,
+    records: list[QARecord], everything: list[QARecord], passages: Passages, swapper: AbbreviationSwapper,
     condense_turns: int,
 ) -> tuple[list[dict[str, str]], int]:
     """(anchor question, positive chunk text) pairs, abbreviation variants included."""
@@ -113,7 +113,7 @@ def training_pairs(
         except InputError as exc:
             problems.append(str(exc))
             continue
-        gold = passages.best_in_document(vector, doc_id, record.gold_page)
+        gold = passages.best_in_document(query, vector, doc_id, record.gold_page)
         if gold is None:
             problems.append(f"{record.where}: gold_page {record.gold_page} has no indexed chunk in {doc_id}")
             continue
@@ -127,7 +127,7 @@ def training_pairs(
 
 
 def held_out_queries(
-    records: list[QARecord], everything: list[QARecord], passages: QdrantPassages, swapper: AbbreviationSwapper,
+    records: list[QARecord], everything: list[QARecord], passages: Passages, swapper: AbbreviationSwapper,
     by_doc: dict[str, set[str]], condense_turns: int,
 ) -> tuple[dict[str, dict[str, str]], dict[str, set[str]]]:
     """Query sets ("questions", "variants") and the relevant chunk ids (all of the gold document).
@@ -187,7 +187,7 @@ def train_embedder(
     *,
     val_qa_path: Path | None = None,
     glossaries: list[Path] | None = None,
-    client: "QdrantClient | None" = None,
+    store: "Store | None" = None,
     embedder: Embedder | None = None,
     force: bool = False,
     progress: bool = False,
@@ -218,20 +218,20 @@ def train_embedder(
         from core.embeddings import load_embedder
 
         embedder = load_embedder(settings.embedding)
-    owns_client = client is None
-    if client is None:
-        from core.store import open_client
+    owns_store = store is None
+    if store is None:
+        from core.store import open_store
 
-        client = open_client(settings)
+        store = open_store(settings)
     try:
-        passages = QdrantPassages(client, settings.qdrant.collection, embedder)
+        passages = Passages(Retriever(store, embedder, settings))
         turns = settings.chat.condense_turns
         pairs, variant_pairs = training_pairs(train_records, everything, passages, swapper, turns)
-        corpus, by_doc = collection_corpus(client, settings.qdrant.collection)
+        corpus, by_doc = collection_corpus(store)
         query_sets, relevant = held_out_queries(held_out, everything, passages, swapper, by_doc, turns)
     finally:
-        if owns_client:
-            client.close()
+        if owns_store:
+            store.close()
     if len(pairs) < 2:
         raise InputError(f"{qa_path}: {len(pairs)} (question, gold chunk) pair(s); at least 2 are needed")
 

@@ -1,4 +1,4 @@
-"""python -m ingest: keep a Qdrant collection in step with folders of documents.
+"""python -m ingest: keep the store's collection in step with folders of documents.
 
 Examples:
   python -m ingest data/demo                      # index the demo knowledge base
@@ -7,6 +7,8 @@ Examples:
   python -m ingest data/demo --dry-run            # show what would be added, changed, removed
   python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa
   RAGTUNE_EMBEDDING__MODEL=./my-embedder python -m ingest data/demo --reembed
+  python -m ingest migrate                        # move an index made by qdrant-client local mode
+                                                  # into the embedded store (python -m ingest migrate --help)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders to index")
-    parser.add_argument("--collection", help="Qdrant collection (default: qdrant.collection)")
+    parser.add_argument("--collection", help="collection (default: qdrant.collection)")
     parser.add_argument("--prune", action="store_true", help="remove documents whose files are gone")
     parser.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     parser.add_argument("--reembed", action="store_true",
@@ -50,6 +52,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["migrate"]:  # a folder named migrate: python -m ingest ./migrate
+        from ingest.migrate import main as migrate
+
+        return migrate(argv[1:])
     args = make_parser().parse_args(argv)
     overrides = parse_overrides(args.overrides)
     if args.collection:
@@ -65,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level)
 
     from core.embeddings import load_embedder
-    from core.store import open_client
+    from core.store import open_store
     from ingest.service import build_indexer
 
+    store = None
     try:
-        client = open_client(settings)
+        store = open_store(settings)
         embedder = load_embedder(settings.embedding)
-        indexer = build_indexer(settings, client, embedder)
+        indexer = build_indexer(settings, store, embedder)
         report = indexer.run(
             args.paths, prune=args.prune, dry_run=args.dry_run, reembed=args.reembed,
             progress=not args.no_progress and sys.stderr.isatty(),
@@ -82,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the index is consistent; run the same command again to finish", file=sys.stderr)
         return 130
+    finally:
+        if store is not None:
+            store.close()
 
     for failure in report.failed:
         print(f"failed: {failure}", file=sys.stderr)
@@ -92,5 +103,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     print(("dry run: " if args.dry_run else "") + report.summary(), file=sys.stderr)
-    client.close()
     return 0 if report.ok else 1

@@ -1,4 +1,4 @@
-"""Incremental, idempotent indexing of documents into a Qdrant collection.
+"""Incremental, idempotent indexing of documents into the store (core.store).
 
 The index itself is the record of what was ingested: every point carries its document's id,
 content hash and chunk count. A run compares that with the files on disk:
@@ -23,16 +23,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.embeddings import Embedder
 from core.settings import IngestSettings
-from core.store import CONTENT_KEY, METADATA_KEY, Collection
+from core.store import CONTENT_KEY, DENSE, METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY, Store, StorePoint
 from ingest.chunking import Chunk, Chunker
 from ingest.loaders import LoadFailure, SourceDocument, discover, load_file, pipeline_fingerprint
-
-if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +105,13 @@ class Indexer:
 
     def __init__(
         self,
-        client: "QdrantClient",
-        collection: Collection,
+        store: Store,
         embedder: Embedder,
         settings: IngestSettings,
         batch_size: int = 32,
     ):
-        self.client = client
-        self.collection = collection
+        self.store = store
+        self.collection = store  # the generation bookkeeping (alias, embedder record) is the store's
         self.embedder = embedder
         self.settings = settings
         self.batch_size = batch_size
@@ -132,8 +128,10 @@ class Indexer:
         reembed: bool = False,
         progress: bool = True,
         on_event: Callable[[str], None] | None = None,
+        scope: str = PUBLIC_SCOPE,
     ) -> IngestReport:
-        """Bring the collection in step with ``paths``. Returns what happened, per document."""
+        """Bring the collection in step with ``paths``. Returns what happened, per document.
+        ``scope``: who may read what is written (``public``, or an upload's ``owner:<digest>``)."""
         started = time.perf_counter()
         report = IngestReport(dry_run=dry_run)
         roots = [Path(p).expanduser().absolute() for p in paths]
@@ -190,7 +188,7 @@ class Indexer:
             return report
 
         assert target is not None
-        self._write(target, pending, report, progress, notify)
+        self._write(target, pending, report, progress, notify, scope)
         for document in cleanup:
             self._delete(target, document.doc_id, keep_hash=document.content_hash)
         if prune:
@@ -200,8 +198,10 @@ class Indexer:
         if reembed:
             previous = self.collection.point_alias_at(target)
             if previous and previous != target:
-                self.client.delete_collection(previous)
+                self.store.drop(previous)
                 log.info("re-embedded into %s; dropped %s", target, previous)
+        if report.chunks_embedded or report.removed:
+            self.store.optimize()  # Qdrant Edge searches new points by brute force until this
         report.seconds = time.perf_counter() - started
         return report
 
@@ -209,21 +209,14 @@ class Indexer:
     def _stored_documents(self, physical: str) -> dict[str, StoredDocument]:
         """One pass over the payloads (no vectors) to learn what each document has stored."""
         stored: dict[str, StoredDocument] = {}
-        offset = None
-        keys = [f"{METADATA_KEY}.{f}" for f in _STATE_FIELDS]
-        while True:
-            records, offset = self.client.scroll(
-                physical, limit=_SCROLL_PAGE, offset=offset, with_payload=keys, with_vectors=False
-            )
-            for record in records:
-                meta = (record.payload or {}).get(METADATA_KEY, {})
-                if "doc_id" not in meta:
-                    continue
-                doc = stored.setdefault(meta["doc_id"], StoredDocument(meta.get("source_file", ""), meta.get("source", "")))
-                doc.points_by_hash[meta["doc_hash"]] += 1
-                doc.chunk_count_by_hash[meta["doc_hash"]] = int(meta["chunk_count"])
-            if offset is None:
-                return stored
+        for record in self.store.scroll(physical, fields=_STATE_FIELDS, page=_SCROLL_PAGE):
+            meta = record.payload.get(METADATA_KEY, {})
+            if "doc_id" not in meta:
+                continue
+            doc = stored.setdefault(meta["doc_id"], StoredDocument(meta.get("source_file", ""), meta.get("source", "")))
+            doc.points_by_hash[meta["doc_hash"]] += 1
+            doc.chunk_count_by_hash[meta["doc_hash"]] = int(meta["chunk_count"])
+        return stored
 
     @staticmethod
     def _classify(document: SourceDocument, stored: StoredDocument | None) -> str:
@@ -259,9 +252,8 @@ class Indexer:
     # -- writing -----------------------------------------------------------------------------
     def _write(
         self, physical: str, pending: list[_Pending], report: IngestReport, progress: bool,
-        notify: Callable[[str], None],
+        notify: Callable[[str], None], scope: str,
     ) -> None:
-        from qdrant_client import models
         from tqdm.auto import tqdm
 
         total = sum(len(p.chunks) for p in pending)
@@ -276,32 +268,24 @@ class Indexer:
                 vectors = self.embedder.embeddings.embed_documents([c.embed_text for _, c in batch])
                 report.embed_seconds += time.perf_counter() - t0
                 points = [
-                    models.PointStruct(id=self._point_id(p.document, c), vector=v, payload=self._payload(p, c))
+                    StorePoint(id=self._point_id(p.document, c), vectors={DENSE: v}, text=c.embed_text,
+                               payload=self._payload(p, c, scope))
                     for (p, c), v in zip(batch, vectors)
                 ]
-                self.client.upsert(physical, points=points, wait=True)
+                self.store.upsert(physical, points)
                 report.chunks_embedded += len(batch)
                 bar.update(len(batch))
                 for p, _ in batch:
                     p.written += 1
                     if p.written == len(p.chunks):
-                        if p.replaces:  # a filtered delete scans the collection in local mode
+                        if p.replaces:
                             self._delete(physical, p.document.doc_id, keep_hash=p.document.content_hash)
                         log.info("indexed %s (%d chunks)", p.document.source, len(p.chunks))
                 notify(f"embedded {report.chunks_embedded}/{total} chunks")
 
     def _delete(self, physical: str, doc_id: str, keep_hash: str | None = None) -> None:
         """Delete a document's points: all of them, or all but those of ``keep_hash``."""
-        from qdrant_client import models
-
-        def field_is(name: str, value: str) -> Any:
-            return models.FieldCondition(key=f"{METADATA_KEY}.{name}", match=models.MatchValue(value=value))
-
-        selector = models.Filter(
-            must=[field_is("doc_id", doc_id)],
-            must_not=[field_is("doc_hash", keep_hash)] if keep_hash else None,
-        )
-        self.client.delete(physical, points_selector=models.FilterSelector(filter=selector), wait=True)
+        self.store.delete_document(physical, doc_id, keep_hash)
 
     @staticmethod
     def _point_id(document: SourceDocument, chunk: Chunk) -> str:
@@ -309,7 +293,7 @@ class Indexer:
         return str(uuid.uuid5(_POINT_NAMESPACE, key))
 
     @staticmethod
-    def _payload(pending: _Pending, chunk: Chunk) -> dict[str, Any]:
+    def _payload(pending: _Pending, chunk: Chunk, scope: str) -> dict[str, Any]:
         document = pending.document
         metadata = {
             **document.extra,
@@ -321,5 +305,6 @@ class Indexer:
             "title": document.title,
             "chunk_index": chunk.index,
             "chunk_count": len(pending.chunks),
+            SCOPE_KEY: scope,
         }
         return {CONTENT_KEY: chunk.text, METADATA_KEY: metadata}

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from core.embeddings import Embedder
 from core.settings import Settings
-from core.store import collection_for
+from core.store import Store
 from ingest.indexer import Indexer
 
-if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
 
-
-def build_indexer(settings: Settings, client: "QdrantClient", embedder: Embedder) -> Indexer:
-    return Indexer(
-        client=client,
-        collection=collection_for(client, settings),
-        embedder=embedder,
-        settings=settings.ingest,
-        batch_size=settings.embedding.batch_size,
-    )
+def build_indexer(settings: Settings, store: Store, embedder: Embedder) -> Indexer:
+    return Indexer(store=store, embedder=embedder, settings=settings.ingest, batch_size=settings.embedding.batch_size)

@@ -16,8 +16,9 @@ The Gradio callback only calls ``UploadService.add``; everything else is here.
   rolls back the others (file deleted, points pruned): no partial upload is ever retrieved
   after a restart. Files are copied under a hidden name, flushed and renamed into place, so a
   stored file is never a partial one.
-- **Owner and scope**: each upload knows its owner; ``scope_for(owner)`` is the scope the
-  retriever will filter on once the store has a scope field (issue 14, round 2).
+- **Owner and scope**: each upload's chunks carry ``metadata.scope = scope_for(owner)``
+  (the knowledge base an operator ingests is ``public``); the chat retrieves with
+  ``readable_scopes(owner)``, so an upload is found by its owner only (a payload index in the store).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.store import PUBLIC_SCOPE
 from core.text import clean_filename
 
 if TYPE_CHECKING:
@@ -48,17 +50,29 @@ JOURNAL_DIR = "in-flight"
 _OWNER_DIGEST_CHARS = 32
 # <owner digest>/<sha256>/<name>: how an uploaded document's path is recognised, wherever the
 # uploads folder is and however the path is shown (relative or absolute).
-_UPLOADED = re.compile(r"(?:^|[/\\])[0-9a-f]{32}[/\\][0-9a-f]{64}[/\\]([^/\\#]+)$")
+_UPLOADED = re.compile(r"(?:^|[/\\])([0-9a-f]{32})[/\\][0-9a-f]{64}[/\\]([^/\\#]+)$")
 
 
 def uploaded_name(source: str) -> str | None:
     """The original (cleaned) name when ``source`` is an uploaded document's path, else None."""
     match = _UPLOADED.search(source or "")
-    return match.group(1) if match else None
+    return match.group(2) if match else None
+
+
+def scope_of_source(source: str) -> str:
+    """The scope a stored document belongs in, from its path (migration: points written before
+    scopes existed): its uploader's for an upload, else the shared knowledge base."""
+    match = _UPLOADED.search(source or "")
+    return f"owner:{match.group(1)}" if match else PUBLIC_SCOPE
 
 
 def owner_digest(owner: str) -> str:
     return hashlib.sha256(owner.encode("utf-8")).hexdigest()[:_OWNER_DIGEST_CHARS]
+
+
+def readable_scopes(owner: str) -> list[str]:
+    """What ``owner`` may retrieve: the shared knowledge base and their own uploads."""
+    return [PUBLIC_SCOPE, UploadService.scope_for(owner)]
 
 
 @dataclass
@@ -116,8 +130,8 @@ class UploadService:
                 for item in accepted:
                     if not item.existed:
                         _store(item.source, item.destination)
-                scope = self.scope_for(owner)  # noqa: F841 - the lead passes scope=scope once Indexer.run takes it
                 report = self.indexer.run([a.destination for a in accepted], progress=False,
+                                          scope=self.scope_for(owner),  # only its owner retrieves it
                                           on_event=lambda m: log.info("upload by %s: %s", owner_digest(owner), m))
             except BaseException:
                 # Nothing half-done may stay: roll back what this upload created, then re-raise.

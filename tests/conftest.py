@@ -1,7 +1,7 @@
-"""Shared fixtures. Everything here is real: the packaged models and qdrant-client's local mode.
+"""Shared fixtures. Everything here is real: the packaged models and the embedded store (Qdrant Edge).
 
 The packaged SmolLM2 is converted from GGUF once per test session (about 20 s) into a
-session-wide data directory; each test gets its own Qdrant folder under its tmp_path.
+session-wide data directory; each test gets its own store folder under its tmp_path.
 """
 
 from __future__ import annotations

@@ -31,20 +31,20 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, session_data_dir, embedder) -> dict[str, Path]:
     from core.settings import load_settings
-    from core.store import open_client
+    from core.store import open_store
     from ingest.service import build_indexer
 
     folder = tmp_path_factory.mktemp("evals")
     (folder / "settings.yaml").write_text("")
     settings = load_settings(folder / "settings.yaml", {
         "data_dir": str(session_data_dir), "qdrant": {"path": str(folder / "qdrant")}})
-    client = open_client(settings)
+    client = open_store(settings)
     try:
         report = build_indexer(settings, client, embedder).run(
             [DEMO / "monographs" / "cardivexin.md", DEMO / "monographs" / "glucarnil.md"], progress=False)
         assert report.ok
     finally:
-        client.close()  # local mode locks the folder; each evals run opens it itself
+        client.close()  # Qdrant Edge allows one process: each evals run opens it itself
     qa = folder / "qa.jsonl"
     lines = [json.dumps(q) for q in QUESTIONS[:2]] + ['{"id": "broken", "question": '] + [json.dumps(QUESTIONS[2])]
     qa.write_text("\n".join(lines) + "\n")

@@ -41,12 +41,12 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 
 @pytest.fixture(scope="module")
 def index(session_data_dir: Path, embedder):
-    """Part of the demo knowledge base in an in-memory collection, shared by this module."""
-    from core.store import open_client
+    """Part of the demo knowledge base in a temporary store, shared by this module."""
+    from core.store import open_store
     from ingest.service import build_indexer
 
     settings = make_settings(session_data_dir)
-    client = open_client(settings)
+    client = open_store(settings)
     report = build_indexer(settings, client, embedder).run([DEMO / p for p in INDEXED], progress=False)
     assert report.ok, report.failed
     yield settings, client
@@ -74,8 +74,8 @@ def test_prepare_is_deterministic_and_shares_match(index, embedder, demo_qa, tmp
     settings, client = index
     train_qa, val_qa = demo_qa
     options = PrepareOptions(distractors=2, no_gold_share=0.25, seed=5)
-    first = prepare(settings, train_qa, tmp_path / "a", options, client=client, embedder=embedder, val_qa_path=val_qa)
-    second = prepare(settings, train_qa, tmp_path / "b", options, client=client, embedder=embedder, val_qa_path=val_qa)
+    first = prepare(settings, train_qa, tmp_path / "a", options, store=client, embedder=embedder, val_qa_path=val_qa)
+    second = prepare(settings, train_qa, tmp_path / "b", options, store=client, embedder=embedder, val_qa_path=val_qa)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert [str(f) for f in files] == ["raft/train.jsonl", "raft/validation.jsonl", "sft/train.jsonl",
                                        "sft/validation.jsonl", "summary.json"]
@@ -115,9 +115,9 @@ def test_prepare_names_the_bad_record_and_writes_nothing(index, embedder, demo_q
         {"id": "x-1", "question": "Where?", "answer": "Here.", "gold_doc": "monographs/absent.md"}) + "\n")
     line = len(bad.read_text().splitlines())
     with pytest.raises(InputError, match=rf"{bad}:{line}: gold_doc 'monographs/absent.md'"):
-        prepare(settings, bad, tmp_path / "out", PrepareOptions(), client=client, embedder=embedder, val_qa_path=val_qa)
+        prepare(settings, bad, tmp_path / "out", PrepareOptions(), store=client, embedder=embedder, val_qa_path=val_qa)
     with pytest.raises(InputError, match="over the limit of 200"):
-        prepare(settings, train_qa, tmp_path / "out", PrepareOptions(max_tokens=200), client=client,
+        prepare(settings, train_qa, tmp_path / "out", PrepareOptions(max_tokens=200), store=client,
                 embedder=embedder, val_qa_path=val_qa)
     assert list(tmp_path.iterdir()) == [bad]
 
@@ -365,7 +365,7 @@ def test_embedding_finetune_reports_recall_before_and_after(index, embedder, dem
     settings, client = index
     train_qa, val_qa = demo_qa
     result = train_embedder(settings, train_qa, "tiny-abbrev", EmbeddingOptions(epochs=1, batch_size=8, k=[1, 5]),
-                            val_qa_path=val_qa, glossaries=[DEMO / "glossary"], client=client, embedder=embedder)
+                            val_qa_path=val_qa, glossaries=[DEMO / "glossary"], store=client, embedder=embedder)
     metrics = result.metrics
     assert result.out == settings.data_dir / "embedders" / "tiny-abbrev"
     assert metrics["abbreviation_variant_pairs"] > 0 and metrics["train_pairs"] > metrics["train_questions"]

@@ -51,18 +51,19 @@ def llama_server(tmp_path_factory, generation):
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, session_data_dir, embedder, generation):
-    """The demo monographs in one local Qdrant folder that every backend's runtime reads."""
-    from core.store import open_client
+    """The demo monographs in one store folder that every backend's runtime reads."""
+    from core.store import open_store
 
     folder = tmp_path_factory.mktemp("generation")
     (folder / "settings.yaml").write_text("")
     settings = load_settings(folder / "settings.yaml", {"data_dir": str(session_data_dir),
                                                         "qdrant": {"path": str(folder / "qdrant")}})
-    client = open_client(settings)
-    runtime = build_runtime(settings, client=client, embedder=embedder, generation=generation)
+    client = open_store(settings)
+    runtime = build_runtime(settings, store=client, embedder=embedder, generation=generation)
     assert runtime.indexer.run([DEMO / "monographs"], progress=False).ok
     yield folder, client
     runtime.close()
+    client.close()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -77,7 +78,7 @@ def runtime(request, index, session_data_dir, embedder, generation):
     })
     # llamacpp: the session's shared backend; the others are built (and closed) here.
     backend = generation if request.param == "llamacpp" else build_backend(settings)
-    yield build_runtime(settings, client=client, embedder=embedder, generation=backend)
+    yield build_runtime(settings, store=client, embedder=embedder, generation=backend)
     if backend is not generation:
         backend.close()
 

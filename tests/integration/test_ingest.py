@@ -1,4 +1,4 @@
-"""Ingest against the real embedder (all-MiniLM-L6-v2) and real local-mode Qdrant."""
+"""Ingest against the real embedder (all-MiniLM-L6-v2) and the real embedded store (Qdrant Edge)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.embeddings import EmbedderInfo
-from core.store import Collection, CollectionMismatchError, open_client
+from core.store import CollectionMismatchError, open_store
 from ingest.indexer import Indexer
 from ingest.service import build_indexer
 from tests.conftest import PUBMEDQA, REPO
@@ -22,20 +22,17 @@ from tests.conftest import PUBMEDQA, REPO
 
 @pytest.fixture
 def index(settings_factory, embedder):
-    """A fresh local-mode collection and an Indexer on it; closed after the test."""
+    """A fresh collection and an Indexer on it; closed after the test."""
     settings = settings_factory()
-    client = open_client(settings)
-    yield settings, client, build_indexer(settings, client, embedder)
-    client.close()
+    store = open_store(settings)
+    yield settings, store, build_indexer(settings, store, embedder)
+    store.close()
 
 
-def stored(client, collection: str = "ragtune") -> list[dict]:
-    records, offset = [], None
-    while True:
-        page, offset = client.scroll(collection, limit=512, offset=offset, with_payload=True)
-        records += [r.payload["metadata"] | {"id": r.id, "text": r.payload["page_content"]} for r in page]
-        if offset is None:
-            return records
+def stored(store) -> list[dict]:
+    physical = store.physical_name()
+    return [r.payload["metadata"] | {"id": r.id, "text": r.payload["page_content"]}
+            for r in (store.scroll(physical) if physical else [])]
 
 
 def assert_consistent(points: list[dict]) -> None:
@@ -49,13 +46,13 @@ def assert_consistent(points: list[dict]) -> None:
 
 
 def test_demo_ingest_is_incremental(index, demo_copy: Path) -> None:
-    settings, client, indexer = index
+    settings, store, indexer = index
 
     first = indexer.run([demo_copy], progress=False)
     assert first.ok, first.failed
     assert len(first.added) >= 30  # 24 files, the FAQ JSONL counting one document per record
     assert not any("/qa/" in s for s in first.added)  # skipped by data/demo/.ragtuneignore
-    assert first.chunks_embedded == len(stored(client))
+    assert first.chunks_embedded == len(stored(store))
     formats = {Path(s.split("#")[0]).suffix for s in first.added}
     assert formats >= {".md", ".txt", ".pdf", ".html", ".docx", ".csv", ".jsonl"}
 
@@ -65,10 +62,10 @@ def test_demo_ingest_is_incremental(index, demo_copy: Path) -> None:
 
     policy = demo_copy / "policies" / "hand-hygiene.md"
     policy.write_text(policy.read_text() + "\n## Addendum\n\nAlcohol rub dispensers are refilled every Monday.\n")
-    before = {p["id"] for p in stored(client) if p["source_file"] != str(policy)}
+    before = {p["id"] for p in stored(store) if p["source_file"] != str(policy)}
     third = indexer.run([demo_copy], progress=False)
     assert [Path(s).name for s in third.changed] == ["hand-hygiene.md"] and not third.added
-    after = stored(client)
+    after = stored(store)
     assert {p["id"] for p in after if p["source_file"] != str(policy)} == before  # nothing else rewritten
     assert any("refilled every Monday" in p["text"] for p in after)
     assert_consistent(after)
@@ -78,21 +75,21 @@ def test_demo_ingest_is_incremental(index, demo_copy: Path) -> None:
     leaflet.unlink()
     dry = indexer.run([demo_copy], prune=True, dry_run=True, progress=False)
     assert [Path(s).name for s in dry.removed] == [leaflet.name]
-    assert len(stored(client)) == len(after)  # a dry run writes nothing
+    assert len(stored(store)) == len(after)  # a dry run writes nothing
     kept = indexer.run([demo_copy], progress=False)
-    assert [Path(s).name for s in kept.stale] == [leaflet.name] and len(stored(client)) == len(after)
+    assert [Path(s).name for s in kept.stale] == [leaflet.name] and len(stored(store)) == len(after)
     pruned = indexer.run([demo_copy], prune=True, progress=False)
     assert [Path(s).name for s in pruned.removed] == [leaflet.name]
-    assert len(stored(client)) == len(after) - leaflet_points
-    assert not any(p["source_file"] == str(leaflet) for p in stored(client))
+    assert len(stored(store)) == len(after) - leaflet_points
+    assert not any(p["source_file"] == str(leaflet) for p in stored(store))
 
 
 def test_chunks_fit_the_embedder_and_keep_page_and_section(index, demo_copy: Path, embedder) -> None:
-    settings, client, indexer = index
+    settings, store, indexer = index
     long_doc = demo_copy / "long.md"
     long_doc.write_text("# Long\n\n" + " ".join(f"word{i}" for i in range(3000)) + "\n\n" + "x" * 6000 + "\n")
     assert indexer.run([demo_copy], progress=False).ok
-    points = stored(client)
+    points = stored(store)
     for p in points:
         embedded = f"{p['title']} | {p['section']}" if p.get("section") and p["section"] != p["title"] else p["title"]
         assert embedder.count_tokens(f"{embedded}\n{p['text']}") <= embedder.info.max_tokens - 2, p["source"]
@@ -106,7 +103,7 @@ def test_chunks_fit_the_embedder_and_keep_page_and_section(index, demo_copy: Pat
 
 
 def test_bad_inputs_are_reported_and_never_touch_the_index(index, tmp_path: Path, settings_factory, embedder) -> None:
-    settings, client, indexer = index
+    settings, store, indexer = index
     docs = tmp_path / "docs"
     docs.mkdir()
     good = docs / "good.md"
@@ -114,7 +111,7 @@ def test_bad_inputs_are_reported_and_never_touch_the_index(index, tmp_path: Path
     victim = docs / "victim.md"
     victim.write_text("# Victim\n\nThis document is indexed first and corrupted later.\n")
     assert indexer.run([docs], progress=False).ok
-    victim_points = [p["id"] for p in stored(client) if p["source_file"] == str(victim)]
+    victim_points = [p["id"] for p in stored(store) if p["source_file"] == str(victim)]
 
     (docs / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
     (docs / "binary.txt").write_bytes(b"\x00\x01\x02\x03binary\x00")
@@ -132,7 +129,7 @@ def test_bad_inputs_are_reported_and_never_touch_the_index(index, tmp_path: Path
     victim.write_bytes(b"\x00\xff\x00 corrupted")
 
     small_limit = settings_factory(ingest={"max_file_mb": 0.002})
-    indexer = build_indexer(small_limit, client, embedder)
+    indexer = build_indexer(small_limit, store, embedder)
     report = indexer.run([docs], prune=True, progress=False)
 
     reasons = {Path(f.path).name: f.reason for f in report.failed}
@@ -149,7 +146,7 @@ def test_bad_inputs_are_reported_and_never_touch_the_index(index, tmp_path: Path
     assert not report.ok
     assert any(s.endswith("records.jsonl#r1") for s in report.added)
     # The corrupted file's document keeps its points, even with --prune.
-    assert [p["id"] for p in stored(client) if p["source_file"] == str(victim)] == victim_points
+    assert [p["id"] for p in stored(store) if p["source_file"] == str(victim)] == victim_points
     assert report.removed == []
 
 
@@ -192,22 +189,22 @@ def test_kill_9_mid_run_is_finished_by_the_next_run(tmp_path: Path, demo_copy: P
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "ingest finished before it could be interrupted"
 
-    client = open_client(settings)
+    store = open_store(settings)
     try:
-        partial = len(stored(client))
-        report = build_indexer(settings, client, embedder).run([demo_copy], progress=False)
+        partial = len(stored(store))
+        report = build_indexer(settings, store, embedder).run([demo_copy], progress=False)
         assert report.ok and len(report.unchanged) >= 3  # finished documents are not redone
-        points = stored(client)
+        points = stored(store)
         assert len(points) > partial
         assert_consistent(points)
         assert len({p["doc_id"] for p in points}) == len(report.unchanged) + len(report.added) + len(report.changed)
         assert Counter(p["id"] for p in points).most_common(1)[0][1] == 1
     finally:
-        client.close()
+        store.close()
 
 
 def test_crash_between_writing_and_deleting_is_cleaned_up(index, demo_copy: Path, monkeypatch) -> None:
-    settings, client, indexer = index
+    settings, store, indexer = index
     assert indexer.run([demo_copy], progress=False).ok
     target = demo_copy / "monographs" / "lipostrane.md"
     target.write_text(target.read_text().replace("Lipostrane", "Lipostrane (LPS)"))
@@ -220,46 +217,45 @@ def test_crash_between_writing_and_deleting_is_cleaned_up(index, demo_copy: Path
     monkeypatch.setattr(Indexer, "_delete", die)
     with pytest.raises(KeyboardInterrupt):
         indexer.run([demo_copy], progress=False)
-    hashes = {p["doc_hash"] for p in stored(client) if p["source_file"] == str(target)}
+    hashes = {p["doc_hash"] for p in stored(store) if p["source_file"] == str(target)}
     assert len(hashes) == 2  # old and new side by side: nothing lost
 
     monkeypatch.setattr(Indexer, "_delete", real_delete)
     report = indexer.run([demo_copy], progress=False)
     assert [Path(s).name for s in report.changed] == ["lipostrane.md"] and report.chunks_embedded == 0
-    assert_consistent(stored(client))
+    assert_consistent(stored(store))
 
 
 def test_embedder_mismatch_is_refused_until_reembed(index, demo_copy: Path, embedder) -> None:
-    settings, client, indexer = index
+    settings, store, indexer = index
     faq = demo_copy / "faq"
     assert indexer.run([faq], progress=False).ok
-    count = len(stored(client))
+    count = len(stored(store))
 
     # The same weights under another recorded name stand in for a different model: only the
     # packaged embedder exists offline, and the refusal is about the record, not the weights.
     other = dataclasses.replace(embedder, info=EmbedderInfo("acme/other-embedder", 384, 256))
-    mismatched = build_indexer(settings, client, other)
+    mismatched = build_indexer(settings, store, other)
     with pytest.raises(CollectionMismatchError) as refusal:
         mismatched.run([faq], progress=False)
     message = str(refusal.value)
     assert "sentence-transformers/all-MiniLM-L6-v2" in message and "--reembed" in message
-    assert len(stored(client)) == count  # nothing touched
+    assert len(stored(store)) == count  # nothing touched
 
-    collection = Collection(client, settings.qdrant.collection)
-    old_physical = collection.physical_name()
+    old_physical = store.physical_name()
     report = mismatched.run([faq], reembed=True, progress=False)
     assert report.ok and len(report.added) == len(json.loads("[" + ",".join(
         line for line in (faq / "staff-faq.jsonl").read_text().splitlines() if line.strip()) + "]"))
-    assert collection.physical_name() != old_physical
-    assert not client.collection_exists(old_physical)
-    assert collection.recorded_embedder().name == "acme/other-embedder"
-    assert len(stored(client)) == count
+    assert store.physical_name() != old_physical
+    assert old_physical not in store.generations()
+    assert store.recorded_embedder().name == "acme/other-embedder"
+    assert len(stored(store)) == count
     with pytest.raises(CollectionMismatchError):
         indexer.run([faq], progress=False)  # now the original embedder is the stranger
 
 
 def test_pubmedqa_records_are_documents_and_retrievable(index, tmp_path: Path, embedder) -> None:
-    settings, client, indexer = index
+    settings, store, indexer = index
     corpus = [json.loads(line) for line in (PUBMEDQA / "corpus.jsonl").read_text().splitlines()]
     questions = {q["id"]: q for q in map(json.loads, (PUBMEDQA / "dev.jsonl").read_text().splitlines())}
     subset = [r for r in corpus if r["id"] in questions][:30]
@@ -268,17 +264,17 @@ def test_pubmedqa_records_are_documents_and_retrievable(index, tmp_path: Path, e
 
     indexer = build_indexer(
         settings.model_copy(update={"ingest": settings.ingest.model_copy(update={"jsonl_text_field": "contexts"})}),
-        client, embedder,
+        store, embedder,
     )
     report = indexer.run([sample], progress=False)
     assert report.ok and len(report.added) == 30
 
-    from langchain_qdrant import QdrantVectorStore
+    from core.retrieval import Retriever
 
-    store = QdrantVectorStore(client=client, collection_name="ragtune", embedding=embedder.embeddings)
+    retriever = Retriever(store, embedder, settings)
     hits = 0
     for record in subset[:10]:
-        top = store.similarity_search(questions[record["id"]]["question"], k=3)
-        hits += top[0].metadata["record_id"] == record["id"]
-        assert top[0].metadata["meshes"]  # the record's other fields travel as metadata
+        top = retriever.hits(questions[record["id"]]["question"], k=3, threshold=False)
+        hits += top[0].payload["metadata"]["record_id"] == record["id"]
+        assert top[0].payload["metadata"]["meshes"]  # the record's other fields travel as metadata
     assert hits >= 8

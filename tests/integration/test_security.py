@@ -162,6 +162,16 @@ def test_uploads_are_stored_by_owner_and_content(secure_app, tmp_path) -> None:
     shown = html.unescape(re.sub(r"<[^>]+>", " ", sources))
     assert "seven checks" in shown and "eleven checks" in shown  # both of alice's documents are indexed
     assert "upload: notes.md" in shown and "uploaded document" in shown  # and marked as uploads
+    assert "nine checks" not in shown  # bob's upload is bob's: filtered by scope in the store
+
+    _, _, _, sources, _ = bob.predict("How many checks does the Zorblat protocol require?", "rag", None,
+                                      api_name="/chat")
+    shown = html.unescape(re.sub(r"<[^>]+>", " ", sources))
+    assert "nine checks" in shown and "seven checks" not in shown and "eleven checks" not in shown
+    _, _, _, sources, _ = Client(url, verbose=False).predict(  # a third visitor: the shared knowledge base only
+        "What is the starting dose of Cardivexin?", "rag", None, api_name="/chat")
+    shown = html.unescape(re.sub(r"<[^>]+>", " ", sources))
+    assert "Cardivexin" in shown and "Zorblat" not in shown
 
 
 def test_one_flooder_among_twenty_users_is_told_to_wait(secure_app) -> None:
@@ -186,7 +196,7 @@ def _big_document(path: Path, sections: int = 240) -> None:
 
 def test_kill_during_an_upload_leaves_no_partial_document(tmp_path, session_data_dir) -> None:
     from gradio_client import Client, handle_file
-    from qdrant_client import QdrantClient, models
+    from core.store_edge import EdgeStore
 
     env = app_env(tmp_path)
     url, process = launch(tmp_path, session_data_dir, env)
@@ -219,11 +229,10 @@ def test_kill_during_an_upload_leaves_no_partial_document(tmp_path, session_data
         stop(process)
     assert not list((tmp_path / "uploads").rglob("memo.md"))  # file and index agree: both gone
     assert not list((tmp_path / "uploads" / "in-flight").glob("*.json"))
-    client = QdrantClient(path=str(tmp_path / "qdrant"))
+    store = EdgeStore.open(str(tmp_path / "qdrant"), "ragtune")
     try:
-        collection = next(c.collection_name for c in client.get_aliases().aliases if c.alias_name == "ragtune")
-        points, _ = client.scroll(collection, limit=10, with_payload=True, scroll_filter=models.Filter(must=[
-            models.FieldCondition(key="metadata.title", match=models.MatchValue(value="Quibbleflux memo"))]))
+        points = [r for r in store.scroll(store.physical_name(), fields=["title"])
+                  if r.payload["metadata"].get("title") == "Quibbleflux memo"]
         assert points == []  # not one chunk of the partial document is left
     finally:
-        client.close()
+        store.close()

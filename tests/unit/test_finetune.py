@@ -55,7 +55,7 @@ def test_split_is_seeded_and_keeps_conversations_together() -> None:
 
 
 class FakePassages:
-    """The QdrantPassages interface over a made-up index: doc 'docs/rNNN.md' has one chunk."""
+    """The finetune.data.Passages interface over a made-up index: doc 'docs/rNNN.md' has one chunk."""
 
     collection = "fake"
 
@@ -65,13 +65,13 @@ class FakePassages:
     def embed(self, questions):
         return [[float(len(q))] for q in questions]
 
-    def best_in_document(self, vector, doc_id, page):
+    def best_in_document(self, query, vector, doc_id, page):
         return Passage(doc_id, ContextChunk(f"gold text of {doc_id}", f"Title {doc_id}", doc_id))
 
-    def top_score(self, vector):
+    def top_score(self, query, vector):
         return vector[0]  # the longest query scores highest
 
-    def top_outside(self, vector, exclude_doc_id, limit):
+    def top_outside(self, query, vector, exclude_doc_id, limit):
         return [Passage(f"other{i}", ContextChunk(f"distractor {i}", f"Other {i}", f"other{i}.md"))
                 for i in range(limit)]
 

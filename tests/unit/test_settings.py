@@ -95,3 +95,20 @@ def test_the_generation_backend_is_one_setting_and_a_missing_package_is_named(
         load_settings(tmp_path / "s.yaml", {"llm": {"backend": "vllm"}})
     with pytest.raises(SettingsError, match="llm.backend=openai needs llm.openai.base_url"):
         load_settings(tmp_path / "s.yaml", {"llm": {"backend": "openai"}})
+
+
+def test_the_store_backend_follows_the_url_and_refuses_a_contradiction(tmp_path) -> None:
+    from core.settings import SettingsError, load_settings
+    from core.store import store_backend
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert store_backend(load_settings(empty, {})) == "edge"
+    assert store_backend(load_settings(empty, {"qdrant": {"url": "http://qdrant:6333"}})) == "server"
+    for broken, field in (({"backend": "server"}, "qdrant.url"), ({"backend": "edge", "url": "http://q:6333"}, "unset qdrant.url")):
+        try:
+            load_settings(empty, {"qdrant": broken})
+        except SettingsError as exc:
+            assert field in str(exc)
+        else:
+            raise AssertionError(f"{broken} was accepted")
