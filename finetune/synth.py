@@ -69,16 +69,14 @@ from core.store import CONTENT_KEY, METADATA_KEY
 from finetune.files import InputError, write_json
 
 if TYPE_CHECKING:
-    from qdrant_client import QdrantClient
-
     from core.embeddings import Embedder
     from core.retrieval import Retriever, Source
+    from core.store import Store
 
 log = logging.getLogger(__name__)
 
 JOURNAL, QA_FILE, HARD_FILE, FILTERS_FILE, SUMMARY_FILE, RUN_FILE = (
     "journal.jsonl", "qa.jsonl", "hard.jsonl", "filters.json", "summary.json", "run.json")
-_SCROLL_PAGE = 512
 
 # Why a teacher call gave nothing usable; each is a row of the filter table.
 TEACHER_FAILURES = ("teacher_timeout", "teacher_refused", "teacher_unreachable", "teacher_non_json", "teacher_empty")
@@ -311,25 +309,23 @@ class Chunk:
         return re.sub(r"[^0-9a-zA-Z]", "", self.id)[:12]
 
 
-def sample_chunks(client: "QdrantClient", collection: str, seed: int, limit: int | None) -> list[Chunk]:
-    """Every chunk of the collection in a seeded order (point ids sorted first: stable across runs)."""
+def sample_chunks(store: "Store", seed: int, limit: int | None) -> list[Chunk]:
+    """Every public chunk of the collection in a seeded order (point ids sorted first: stable across
+    runs). Uploads (an owner's scope) are left out: a user's private document is not training data."""
+    from core.store import PUBLIC_SCOPE, SCOPE_KEY
+
     chunks: list[Chunk] = []
-    offset = None
-    while True:
-        points, offset = client.scroll(collection, limit=_SCROLL_PAGE, offset=offset, with_payload=True,
-                                       with_vectors=False)
-        for point in points:
-            payload = point.payload or {}
-            meta = payload.get(METADATA_KEY) or {}
-            text = str(payload.get(CONTENT_KEY, "")).strip()
-            if not text or "source" not in meta:
-                continue
-            page = meta.get("page")
-            chunks.append(Chunk(id=str(point.id), text=text, source=str(meta["source"]),
-                                title=str(meta.get("title") or meta["source"]), section=meta.get("section"),
-                                page=int(page) if isinstance(page, int) else None))
-        if offset is None:
-            break
+    physical = store.physical_name()
+    for point in store.scroll(physical) if physical else []:
+        payload = point.payload or {}
+        meta = payload.get(METADATA_KEY) or {}
+        text = str(payload.get(CONTENT_KEY, "")).strip()
+        if not text or "source" not in meta or meta.get(SCOPE_KEY, PUBLIC_SCOPE) != PUBLIC_SCOPE:
+            continue
+        page = meta.get("page")
+        chunks.append(Chunk(id=str(point.id), text=text, source=str(meta["source"]),
+                            title=str(meta.get("title") or meta["source"]), section=meta.get("section"),
+                            page=int(page) if isinstance(page, int) else None))
     chunks.sort(key=lambda c: c.id)
     random.Random(f"{seed}:chunks").shuffle(chunks)
     return chunks[:limit] if limit is not None else chunks
@@ -438,7 +434,9 @@ class Synthesizer:
     def search(self, question: str, history: list[tuple[str, str]]) -> list["Source"]:
         """What the chat would retrieve for this question (a follow-up searched as chat.condense=concat does)."""
         queries = followup_queries(question, history, self.settings.chat.condense_turns)
-        found = {q: self.retriever.retrieve(q) for q in queries}
+        from core.store import PUBLIC_SCOPE
+
+        found = {q: self.retriever.retrieve(q, scopes=[PUBLIC_SCOPE]) for q in queries}
         chosen = best_query(queries, lambda q: found[q][0].score if found[q] else None)
         return found[chosen]
 
@@ -593,33 +591,30 @@ def synthesize(
     out: Path,
     options: SynthOptions,
     *,
-    client: "QdrantClient | None" = None,
+    store: "Store | None" = None,
     embedder: "Embedder | None" = None,
     teacher: Teacher | None = None,
     progress: bool = False,
 ) -> SynthResult:
     """Sample chunks, ask the teacher, filter, and write; resumes from ``out/journal.jsonl``."""
-    from langchain_qdrant import QdrantVectorStore
     from tqdm import tqdm
 
     from core.retrieval import Retriever
-    from core.store import collection_for
 
-    owns = {"client": client is None, "teacher": teacher is None}
+    owns = {"store": store is None, "teacher": teacher is None}
     if embedder is None:
         from core.embeddings import load_embedder
 
         embedder = load_embedder(settings.embedding)
-    if client is None:
-        from core.store import open_client
+    if store is None:
+        from core.store import open_store
 
-        client = open_client(settings)
+        store = open_store(settings)
     try:
-        collection = collection_for(client, settings)
-        if not collection.exists() or collection.count() == 0:
+        if not store.exists() or store.count() == 0:
             raise InputError(f"Qdrant collection {settings.qdrant.collection!r} is empty or missing; index the "
                              f"documents first, e.g. python -m ingest data/demo")
-        collection.check_embedder(embedder.info)
+        store.check_embedder(embedder.info)
         out.mkdir(parents=True, exist_ok=True)
         _check_run(out, {"collection": settings.qdrant.collection, "seed": options.seed, "kinds": settings.synth.kinds,
                          "teacher": settings.synth.teacher.backend})
@@ -633,15 +628,13 @@ def synthesize(
         _rewrite(out / QA_FILE, kept)  # the journal is the truth: a torn append is healed here
         _rewrite(out / HARD_FILE, hard)
 
-        wide = settings.retrieval.model_copy(update={"k": settings.synth.top_k})
-        store = QdrantVectorStore(client=client, collection_name=settings.qdrant.collection,
-                                  embedding=embedder.embeddings)
-        retriever = Retriever(store, settings.model_copy(update={"retrieval": wide}))
+        # The chat's retriever (method, threshold), public chunks only, the top k the filter asks for.
+        retriever = Retriever(store, embedder, settings).with_settings(k=settings.synth.top_k)
         duplicates = DuplicateFilter(embedder, settings.synth.duplicate_similarity)
         for record in kept + hard:
             duplicates.add(record["question"] if record.get("turn") != 2 else " ".join(
                 [_first_turn(record, kept + hard), record["question"]]))
-        chunks = sample_chunks(client, settings.qdrant.collection, options.seed, options.chunks)
+        chunks = sample_chunks(store, options.seed, options.chunks)
         units = [(c, k) for c in chunks for k in settings.synth.kinds]
         if teacher is None and any((c.id, k) not in done for c, k in units):
             teacher = build_teacher(settings, options.seed)  # not loaded when nothing is left to ask
@@ -688,8 +681,8 @@ def synthesize(
                 this_run["hard"] += len(result.hard) + sum(bool(r.get("hard")) for r in result.kept)
                 bar.set_postfix(kept=len(kept), hard=len(hard), failed=len(failures))
     finally:
-        if owns["client"]:
-            client.close()
+        if owns["store"]:
+            store.close()
         if owns["teacher"] and teacher is not None:
             teacher.close()
 

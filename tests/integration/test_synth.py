@@ -1,4 +1,4 @@
-"""python -m finetune synth against a real index (local-mode Qdrant, the packaged embedder).
+"""python -m finetune synth against a real index (the embedded store, the packaged embedder).
 
 Two teachers: the packaged 135M model through the local llama.cpp backend (a weak teacher: the
 test asserts the pipeline, the filters and the resumption, not its prose), and, for bad input and
@@ -29,17 +29,17 @@ from tests.conftest import DEMO
 def index(tmp_path_factory: pytest.TempPathFactory, session_data_dir: Path, embedder) -> Path:
     """Two demo monographs in a local Qdrant folder; returns a settings file that points at it."""
     from core.settings import load_settings
-    from core.store import open_client
+    from core.store import open_store
     from ingest.service import build_indexer
 
     folder = tmp_path_factory.mktemp("synth")
     settings_file = folder / "settings.yaml"
     settings_file.write_text(f"data_dir: {session_data_dir}\nqdrant: {{path: {folder / 'qdrant'}}}\n")
     settings = load_settings(settings_file)
-    client = open_client(settings)
+    store = open_store(settings)
     docs = [DEMO / "monographs" / "cardivexin.md", DEMO / "monographs" / "glucarnil.md"]
-    assert build_indexer(settings, client, embedder).run(docs, progress=False).ok
-    client.close()  # the CLI opens the folder itself (local mode admits one client)
+    assert build_indexer(settings, store, embedder).run(docs, progress=False).ok
+    store.close()  # the CLI opens the folder itself (the embedded store admits one process)
     return settings_file
 
 
@@ -88,14 +88,13 @@ def test_local_teacher_writes_filtered_records_and_a_rerun_asks_nothing(index: P
 
 def _chunk_texts(settings_file: Path) -> dict[str, str]:
     from core.settings import load_settings
-    from core.store import open_client
+    from core.store import open_store
 
-    client = open_client(load_settings(settings_file))
+    store = open_store(load_settings(settings_file))
     try:
-        points, _ = client.scroll("ragtune", limit=1000, with_payload=True)
-        return {str(p.id): p.payload["page_content"] for p in points}
+        return {p.id: p.payload["page_content"] for p in store.scroll(store.physical_name())}
     finally:
-        client.close()
+        store.close()
 
 
 # -- a broken teacher, and a good one: the stand-in endpoint ------------------------------------
