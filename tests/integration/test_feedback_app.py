@@ -85,8 +85,11 @@ def test_thumbs_in_the_app_train_an_adapter_that_the_chat_serves(tmp_path: Path,
             like(first, url, 1, True)  # chat messages: question 0, answer 1, question 2, answer 3
             like(first, url, 3, False)
             like(second, url, 1, True)
+            timings["rated"] = time.time()
+            first.close(), second.close()  # their heartbeat streams would hold the app's graceful stop
         finally:
-            stop(process)  # local-mode Qdrant admits one process, and training wants the cores
+            stop(process)  # the embedded store admits one process, and training wants the cores
+        timings["stopped"] = time.time()
 
     from finetune.cli import main
 
