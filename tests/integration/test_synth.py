@@ -47,7 +47,7 @@ def journal(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
 
 
-def test_local_teacher_writes_filtered_records_and_a_rerun_asks_nothing(index: Path, tmp_path: Path, capsys) -> None:
+def test_local_teacher_writes_filtered_records_and_a_rerun_asks_only_what_failed(index: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "synth"
     args = ["synth", "--out", str(out), "--settings", str(index), "--chunks", "1", "--seed", "3", "--no-progress",
             "--set", "synth.kinds=[factual, unanswerable]", "--set", "synth.teacher.max_new_tokens=80"]
