@@ -250,6 +250,56 @@ class FeedbackSettings(_Section):
     )
 
 
+class TeacherSettings(_Section):
+    """The model that writes synthetic Q/A (python -m finetune synth): ragtune's own generation backend
+    (llm.*, base weights) or any OpenAI-compatible endpoint (a team's vLLM with a 70B model)."""
+
+    backend: Literal["local", "openai"] = Field(
+        "local",
+        description="'local': the generation backend llm.backend builds (the packaged 135M model by default, a "
+        "weak teacher); 'openai': the endpoint below",
+    )
+    base_url: str | None = Field(None, description="openai: e.g. http://vllm:8000/v1")
+    model: str | None = Field(None, description="openai: the served model's name")
+    api_key: str = Field("not-needed", description="openai: sent as the bearer token")
+    timeout_s: float = Field(120.0, gt=0, description="one teacher call; a slower one counts as a timeout")
+    retries: int = Field(1, ge=0, le=10, description="further tries of a call that timed out or was refused (HTTP 429/5xx)")
+    response_format: Literal["json_schema", "json_object", "none"] = Field(
+        "json_schema",
+        description="openai: how JSON is asked for: 'json_schema' (OpenAI, vLLM: the reply is held to the schema), "
+        "'json_object' with the schema inside (llama-cpp-python's server turns it into a grammar), 'none' (prompt only)",
+    )
+    max_new_tokens: int = Field(256, ge=16, le=8192, description="longest teacher reply per call")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="some variety: greedy decoding repeats itself")
+
+    @model_validator(mode="after")
+    def _openai_complete(self) -> "TeacherSettings":
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("synth.teacher.backend=openai needs synth.teacher.base_url and synth.teacher.model")
+        return self
+
+
+class SynthSettings(_Section):
+    """python -m finetune synth: which questions the teacher is asked for and which are kept."""
+
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    kinds: list[Literal["factual", "abbreviation", "followup", "unanswerable"]] = Field(
+        default_factory=lambda: ["factual", "abbreviation", "followup", "unanswerable"], min_length=1,
+        description="one teacher call per kind and chunk; followup writes a two-turn conversation",
+    )
+    top_k: int = Field(4, ge=1, le=50, description="a question must retrieve its chunk within the top k (else it is hard)")
+    hard: Literal["apart", "keep", "drop"] = Field(
+        "apart",
+        description="questions that do not retrieve their chunk in the top k: 'apart' (written to hard.jsonl, "
+        "not to qa.jsonl), 'keep' (in qa.jsonl, marked \"hard\": true) or 'drop' (counted only)",
+    )
+    duplicate_similarity: float = Field(
+        0.92, gt=0.0, le=1.0,
+        description="a question whose embedding is this close (cosine) to a kept one is a near-duplicate",
+    )
+    min_question_chars: int = Field(12, ge=1)
+
+
 class ApiKey(_Section):
     """One key for the OpenAI-compatible API (chatbot/api.py) and the user it acts as: that
     user's conversations, document scope and rate limits, as if they had signed in on the page."""
@@ -335,6 +385,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     chat: ChatSettings = Field(default_factory=ChatSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    synth: SynthSettings = Field(default_factory=SynthSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
 

@@ -15,6 +15,10 @@ Examples:
   python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --no-gold-share 0 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
   python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
 
+  # no hand-written Q/A set: a teacher writes one from the index (synth.teacher: local, or any OpenAI-compatible endpoint)
+  python -m finetune synth --out data/finetune/synth --chunks 40 --max-questions 120
+  python -m finetune prepare --qa data/finetune/synth/qa.jsonl --distractors 2 --no-gold-share 0.05 --out data/finetune/synth-data
+
   # the chat's thumbs up/down (of the users in feedback.opted_in_owners) -> an adapter trained with KTO
   python -m finetune prepare --from-feedback --out data/finetune/feedback --set 'feedback.opted_in_owners=[alice]'
   python -m finetune train --config finetune/configs/feedback.yaml                   # -> data/adapters/feedback/
@@ -100,6 +104,34 @@ def make_parser() -> argparse.ArgumentParser:
                       help="RAFT prompts show whole chunks and targets do not quote (the pre-evidence format)")
     prep.add_argument("--force", action="store_true", help="replace --out if it exists")
     _common(prep)
+
+    synth = commands.add_parser(
+        "synth", help="a teacher model writes Q/A records from the collection's chunks -> OUT/qa.jsonl (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  # the local generation backend as the teacher (the packaged 135M model: weak, but it runs anywhere)\n"
+        "  python -m finetune synth --out data/finetune/synth --chunks 40 --max-questions 120\n"
+        "  python -m finetune synth --out data/finetune/synth --chunks 40 --max-questions 120   # again: resumes\n"
+        "  # a team's vLLM serving a 70B model\n"
+        "  python -m finetune synth --out data/finetune/synth --set synth.teacher.backend=openai \\\n"
+        "      --set synth.teacher.base_url=http://vllm:8000/v1 --set synth.teacher.model=meta-llama/Llama-3.3-70B-Instruct\n"
+        "  # llama-cpp-python's server: JSON held to the schema by a grammar\n"
+        "  python -m finetune synth --out /tmp/synth --set synth.teacher.backend=openai --set synth.teacher.base_url=http://127.0.0.1:8000/v1 \\\n"
+        "      --set synth.teacher.model=smollm2 --set synth.teacher.response_format=json_object --max-tokens 20000\n"
+        "then: python -m finetune prepare --qa OUT/qa.jsonl --out data/finetune/synth-data ...\n"
+        "Settings: synth.kinds, synth.top_k, synth.hard (apart | keep | drop), synth.duplicate_similarity, synth.teacher.*.\n"
+        "Exit status: 0 done; 1 done, but some teacher calls failed (listed; rerun the same command to retry them);\n"
+        "2 unusable input or settings.",
+    )
+    synth.add_argument("--out", type=Path, required=True,
+                       help="output folder: qa.jsonl, hard.jsonl, filters.json, summary.json, journal.jsonl; "
+                       "an existing one is resumed")
+    synth.add_argument("--collection", help="Qdrant collection to sample chunks from (default: qdrant.collection)")
+    synth.add_argument("--chunks", type=int, metavar="N", help="chunks to sample, in seeded order (default: all)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the chunk order (default 0)")
+    synth.add_argument("--max-questions", type=int, metavar="N", help="stop once N records are kept (qa + hard)")
+    synth.add_argument("--max-tokens", type=int, metavar="N", help="stop once the teacher has generated N tokens")
+    _common(synth)
 
     train = commands.add_parser(
         "train", help="LoRA-train the chat model on prepared data -> <data_dir>/adapters/NAME/",
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log_level)
         if args.command == "prepare":
             return _prepare(args, settings, progress)
+        if args.command == "synth":
+            return _synth(args, settings, progress)
         if args.command == "merge":
             return _merge(args, settings)
         if args.command == "export":
@@ -252,6 +286,29 @@ def _prepare_feedback(args: argparse.Namespace, settings: Settings) -> int:
     result = prepare_feedback(settings, args.out, options, force=args.force)
     print(format_feedback_summary(result.summary))
     print(f"wrote {result.out} (summary in {result.out / 'summary.json'})", file=sys.stderr)
+    return 0
+
+
+def _synth(args: argparse.Namespace, settings: Settings, progress: bool) -> int:
+    from pydantic import ValidationError
+
+    from finetune.synth import FILTERS_FILE, QA_FILE, SynthOptions, format_table, synthesize
+
+    try:
+        options = SynthOptions(chunks=args.chunks, seed=args.seed, max_questions=args.max_questions,
+                               max_tokens=args.max_tokens)
+    except ValidationError as exc:
+        raise InputError("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("_", "-")
+                                   for e in exc.errors())) from None
+    result = synthesize(settings, args.out, options, progress=progress)
+    print(format_table(result.summary))
+    print(f"wrote {result.out / QA_FILE} (filter table in {result.out / FILTERS_FILE})", file=sys.stderr)
+    if result.failures:
+        print(f"{len(result.failures)} teacher call(s) failed and were counted; rerun the same command to retry them:",
+              file=sys.stderr)
+        for line in result.failures[:10]:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 
