@@ -20,6 +20,9 @@ What a client sends is never trusted to name anything on the server (docs/securi
   returned in the outputs and kept for its session.
 - Each question passes the rate limits before it may take a queue slot (the chat event's
   validator); the REST route that would skip the queue is closed (``api_open=False``).
+- Downloads of a conversation go through short-lived grant URLs signed for its owner
+  (chatbot/downloads.py), never a path; the Compare tab runs chatbot/compare.py's service in the
+  same queue as the chat. The OpenAI-compatible API (chatbot/api.py) is mounted beside the page.
 """
 
 # No ``from __future__ import annotations`` here: Gradio reads gr.Request / gr.LikeData from
@@ -34,7 +37,11 @@ import gradio as gr
 from fastapi import FastAPI
 
 from core.modes import MODES
+from chatbot.api import build_api_router
 from chatbot.chain import Answer, InvalidQuestion
+from chatbot.compare import COMPARE_ORDER, REPORT_PATH, CompareService, ModeResult, favoured_note
+from chatbot.downloads import GRANT_TTL_S, DownloadGrants, build_download_router
+from chatbot.identity import load_or_create_secret
 from chatbot.limits import RateLimited
 from chatbot.memory import INTERRUPTED, INTERRUPTED_TEXT, ConversationNotFound
 from chatbot.render import render_list, render_markdown, render_plain, render_sources
@@ -68,10 +75,13 @@ def recover_after_restart(runtime: "Runtime") -> None:
         log.warning("upload recovery: %s", line)
 
 
-def build_blocks(runtime: "Runtime") -> gr.Blocks:
+def build_blocks(runtime: "Runtime", grants: DownloadGrants | None = None) -> gr.Blocks:
+    """``grants``: sign download links (the FastAPI app serves them); None (Gradio's own server,
+    --share) offers no downloads."""
     settings = runtime.settings
     chain, memory, identities, limiter = runtime.chain, runtime.memory, runtime.identities, runtime.limiter
     default_mode = opening_mode(settings.chat.default_mode, chain.models.has_adapter)
+    comparer = CompareService(chain)
     uploads_offered = settings.server.auth != "none" or settings.chat.anonymous_uploads
 
     # -- identity ------------------------------------------------------------------------------
@@ -122,7 +132,8 @@ def build_blocks(runtime: "Runtime") -> gr.Blocks:
         owner, token = identity(token, session_token, request)
         ready = gr.update(interactive=True)
         return (token, token, gr.update(choices=conversation_choices(owner), value=None),
-                gr.update(interactive=True, placeholder="Ask about the documents…"), ready)
+                gr.update(interactive=True, placeholder="Ask about the documents…"), ready,
+                gr.update(interactive=True, placeholder="One question for every mode…"), ready)
 
     def admit_question(question: Any, mode: Any, conversation_id: Any, token: Any, session_token: Any,
                        request: gr.Request):
@@ -183,6 +194,56 @@ def build_blocks(runtime: "Runtime") -> gr.Blocks:
     def on_new():
         return None, [], [], gr.update(value=None), ""
 
+    def on_conversation(conversation_id: Any, token: Any, session_token: Any, request: gr.Request):
+        """The open conversation's download links (signed for its owner) and its Delete button."""
+        owner, _ = known_identity(token, session_token, request)
+        if grants is None or owner is None or not isinstance(conversation_id, str) or not memory.exists(owner, conversation_id):
+            return "", gr.update(interactive=False)
+        links = " · ".join(
+            f'<a href="download/{grants.issue(owner, conversation_id, fmt)}" download id="download-{fmt}">{label}</a>'
+            for fmt, label in (("md", "Markdown"), ("json", "JSON")))
+        return f"Download this conversation: {links}", gr.update(interactive=True)
+
+    def on_delete(conversation_id: Any, token: Any, session_token: Any, request: gr.Request):
+        owner, _ = known_identity(token, session_token, request)
+        if owner is not None and isinstance(conversation_id, str) and memory.delete(owner, conversation_id):
+            gr.Info("The conversation was deleted.")
+        choices = conversation_choices(owner) if owner else []
+        return None, [], [], gr.update(choices=choices, value=None), "", "", gr.update(interactive=False)
+
+    # -- the Compare tab -----------------------------------------------------------------------
+    def admit_compare(question: Any, conversation_id: Any, token: Any, session_token: Any, request: gr.Request):
+        fine = gr.validate(True, "")
+        try:
+            chain.validate(question)
+            limiter.admit(limit_keys(token, session_token, request))  # one question, like the chat's
+        except (InvalidQuestion, RateLimited) as refusal:
+            return [gr.validate(False, str(refusal)), fine, fine, fine]
+        return [fine] * 4
+
+    def compare_view(results: dict[str, ModeResult]) -> list[str]:
+        views: list[str] = []
+        for mode in COMPARE_ORDER:
+            result = results[mode]
+            views += [render_markdown(result.text) if result.text else render_plain("…" if result.state != "waiting" else ""),
+                      render_plain(result.timing()),
+                      render_sources(result.sources, result.citations_attributed) if result.sources else ""]
+        return views
+
+    def on_compare(question: str, conversation_id: Any, token: Any, session_token: Any, request: gr.Request):
+        keys = limit_keys(token, session_token, request)
+        try:
+            owner, token = identity(token, session_token, request)
+            history = (memory.turns(owner, conversation_id)
+                       if isinstance(conversation_id, str) and memory.exists(owner, conversation_id) else [])
+            try:
+                for results in comparer.run(question, owner=owner, history=history):
+                    yield compare_view(results)
+            except InvalidQuestion as refusal:
+                gr.Warning(str(refusal))
+        finally:
+            limiter.release(keys)
+
     def on_open(conversation_id: Any, token: Any, session_token: Any, request: gr.Request):
         owner, _ = known_identity(token, session_token, request)
         if not conversation_id or not isinstance(conversation_id, str) or owner is None:
@@ -217,46 +278,82 @@ def build_blocks(runtime: "Runtime") -> gr.Blocks:
         conversation_id = gr.State(None)
         message_ids = gr.State([])
         gr.Markdown("## ragtune — answers from your documents, with citations")
-        with gr.Row():
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(
-                    label="Chat", height=520, sanitize_html=True, render_markdown=False, latex_delimiters=[],
-                    feedback_options=("Like", "Dislike"), elem_id="chat",
-                )
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Chat", id="chat-tab", elem_id="chat-tab"):
                 with gr.Row():
-                    question = gr.Textbox(
-                        placeholder="Loading…", show_label=False, scale=5, elem_id="question",
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(
+                            label="Chat", height=520, sanitize_html=True, render_markdown=False, latex_delimiters=[],
+                            feedback_options=("Like", "Dislike"), elem_id="chat",
+                        )
+                        with gr.Row():
+                            question = gr.Textbox(
+                                placeholder="Loading…", show_label=False, scale=5, elem_id="question",
+                                max_length=settings.chat.max_question_chars * 5, interactive=False,
+                            )
+                            send = gr.Button("Send", variant="primary", scale=1, elem_id="send", interactive=False)
+                        gr.Examples(examples=[[q] for q in settings.chat.examples], inputs=[question], label="Examples")
+                    with gr.Column(scale=2):
+                        mode = gr.Radio(list(MODES), value=default_mode, label="Mode", elem_id="mode",
+                                        info="hybrid = fine-tuned + retrieval · rag = retrieval · finetuned = adapter only · base = neither")
+                        new = gr.Button("New conversation", elem_id="new")
+                        past = gr.Dropdown(choices=[], label="Past conversations", elem_id="past", allow_custom_value=False)
+                        downloads = gr.HTML("", elem_id="downloads")
+                        delete = gr.Button("Delete conversation", elem_id="delete", variant="stop", size="sm",
+                                           interactive=False)
+                        with gr.Accordion("Sources", open=True):
+                            sources = gr.Markdown("", elem_id="sources", latex_delimiters=[])
+                        with gr.Accordion("Add documents", open=False):
+                            if uploads_offered:
+                                upload = gr.File(file_count="multiple", file_types=list(settings.chat.upload_types),
+                                                 label=f"Up to {settings.chat.upload_max_mb:g} MB each", elem_id="upload")
+                                upload_status = gr.Markdown("", elem_id="upload-status", latex_delimiters=[])
+                            else:
+                                gr.Markdown("Adding documents needs sign-in on this server.")
+            with gr.Tab("Compare", id="compare-tab", elem_id="compare-tab"):
+                gr.Markdown(favoured_note(default_mode), elem_id="compare-note")
+                with gr.Row():
+                    compare_question = gr.Textbox(
+                        placeholder="Loading…", show_label=False, scale=5, elem_id="compare-question",
                         max_length=settings.chat.max_question_chars * 5, interactive=False,
                     )
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send", interactive=False)
-                gr.Examples(examples=[[q] for q in settings.chat.examples], inputs=[question], label="Examples")
-            with gr.Column(scale=2):
-                mode = gr.Radio(list(MODES), value=default_mode, label="Mode", elem_id="mode",
-                                info="hybrid = fine-tuned + retrieval · rag = retrieval · finetuned = adapter only · base = neither")
-                new = gr.Button("New conversation", elem_id="new")
-                past = gr.Dropdown(choices=[], label="Past conversations", elem_id="past", allow_custom_value=False)
-                with gr.Accordion("Sources", open=True):
-                    sources = gr.Markdown("", elem_id="sources", latex_delimiters=[])
-                with gr.Accordion("Add documents", open=False):
-                    if uploads_offered:
-                        upload = gr.File(file_count="multiple", file_types=list(settings.chat.upload_types),
-                                         label=f"Up to {settings.chat.upload_max_mb:g} MB each", elem_id="upload")
-                        upload_status = gr.Markdown("", elem_id="upload-status", latex_delimiters=[])
-                    else:
-                        gr.Markdown("Adding documents needs sign-in on this server.")
+                    compare_send = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-send",
+                                             interactive=False)
+                compare_outputs = []
+                with gr.Row():
+                    for compare_mode in COMPARE_ORDER:
+                        with gr.Column(min_width=220):
+                            gr.Markdown(f"### {compare_mode}")
+                            compare_outputs += [
+                                gr.Markdown("", elem_id=f"compare-{compare_mode}-answer", latex_delimiters=[]),
+                                gr.Markdown("", elem_id=f"compare-{compare_mode}-time", latex_delimiters=[]),
+                                gr.Markdown("", elem_id=f"compare-{compare_mode}-sources", latex_delimiters=[]),
+                            ]
 
         identity_outputs = [browser_token, session_token]
         blocks.load(on_load, inputs=[browser_token, session_token],
-                    outputs=[*identity_outputs, past, question, send], api_name=False)
+                    outputs=[*identity_outputs, past, question, send, compare_question, compare_send], api_name=False)
         outputs = [question, chatbot, message_ids, conversation_id, past, sources, *identity_outputs]
         inputs = [question, mode, conversation_id, browser_token, session_token]
+        # The download links are signed for GRANT_TTL_S: issued afresh whenever the open
+        # conversation changes or gets an answer, and before they expire on an idle page.
+        refresh_downloads = dict(fn=on_conversation, inputs=[conversation_id, browser_token, session_token],
+                                 outputs=[downloads, delete], api_name=False, show_progress="hidden")
         send.click(on_submit, inputs, outputs, api_name="chat", concurrency_id="generate",
-                   validator=admit_question, show_progress="full", show_progress_on=[chatbot])
+                   validator=admit_question, show_progress="full", show_progress_on=[chatbot]).then(**refresh_downloads)
         question.submit(on_submit, inputs, outputs, api_name=False, concurrency_id="generate",
-                        validator=admit_question, show_progress="full", show_progress_on=[chatbot])
-        new.click(on_new, None, [conversation_id, chatbot, message_ids, past, sources], api_name=False)
+                        validator=admit_question, show_progress="full", show_progress_on=[chatbot]).then(**refresh_downloads)
+        new.click(on_new, None, [conversation_id, chatbot, message_ids, past, sources], api_name=False).then(**refresh_downloads)
         past.input(on_open, [past, browser_token, session_token], [conversation_id, chatbot, message_ids, sources],
-                   api_name=False)
+                   api_name=False).then(**refresh_downloads)
+        gr.Timer(GRANT_TTL_S * 0.8).tick(**refresh_downloads)
+        delete.click(on_delete, [conversation_id, browser_token, session_token],
+                     [conversation_id, chatbot, message_ids, past, sources, downloads, delete], api_name=False)
+        compare_inputs = [compare_question, conversation_id, browser_token, session_token]
+        compare_send.click(on_compare, compare_inputs, compare_outputs, api_name="compare", concurrency_id="generate",
+                           validator=admit_compare, show_progress="minimal")
+        compare_question.submit(on_compare, compare_inputs, compare_outputs, api_name=False, concurrency_id="generate",
+                                validator=admit_compare, show_progress="minimal")
         chatbot.like(on_feedback, [message_ids, browser_token, session_token], None, api_name=False)
         if uploads_offered:
             upload.upload(on_upload, [upload, browser_token, session_token], [upload_status, *identity_outputs],
@@ -289,7 +386,21 @@ def create_app(runtime: "Runtime") -> FastAPI:
                            allow_headers=["*"], allow_credentials=False)
     app.add_middleware(AccessMiddleware, server=server, limits=settings.limits,
                        anonymous_uploads=settings.chat.anonymous_uploads)
-    blocks = build_blocks(runtime)
+    grants = DownloadGrants(load_or_create_secret(settings.secret_file))
+    # Before Gradio's mount at "/": these routes are matched first.
+    app.include_router(build_api_router(runtime, IDENTITY_HEADER))
+    app.include_router(build_download_router(runtime.memory, grants, IDENTITY_HEADER))
+    report = Path(__file__).resolve().parent.parent / REPORT_PATH
+
+    @app.get(f"/{REPORT_PATH}", include_in_schema=False)
+    def evals_report() -> Any:
+        # The Compare tab links here: one fixed file, never a path the client names.
+        from fastapi.responses import PlainTextResponse
+
+        text = report.read_text(encoding="utf-8") if report.is_file() else "No evals report in this installation."
+        return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
+
+    blocks = build_blocks(runtime, grants)
     app = gr.mount_gradio_app(
         app, blocks, path="/", max_file_size=f"{settings.chat.upload_max_mb:g}mb",
         allowed_paths=[], blocked_paths=_blocked_paths(runtime), show_error=False,

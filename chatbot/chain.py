@@ -16,12 +16,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from core.decline import decline_features, not_covered_probability
+from core.evidence import EvidenceSelector, EvidenceUnit
 from core.prompts import (
     NOT_COVERED, ContextChunk, best_query, build_messages, cited_numbers, condense_messages,
-    drop_unknown_citations, followup_queries,
+    drop_unknown_citations, followup_queries, narrow_chunks,
 )
+from core.quotes import Quote, check_answer
 from core.generation import GenerationBackend
-from core.retrieval import Retriever, Source
+from core.retrieval import Retriever, Source, prefer_newer
 from ingest.uploads import readable_scopes
 from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES, Mode
 from core.settings import Settings
@@ -43,6 +46,12 @@ class Answer:
     refused: str | None = None  # why no model answer was produced
     message_id: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    quotes: list[Quote] = field(default_factory=list)  # verified quotes shown with the answer
+    removed: list[str] = field(default_factory=list)  # unverified quotes, sentences with unsupported numbers
+    evidence_fallback: bool = False  # nothing of the model's answer survived the checks: the evidence is shown
+    not_covered_probability: float | None = None  # core.decline's estimate, when it was asked
+    decline_features: dict[str, float] = field(default_factory=dict)  # what it was computed from
+    evidence: list[EvidenceUnit] = field(default_factory=list)  # the units the model read, best first
 
     def sources_as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(s) for s in self.sources]
@@ -67,9 +76,13 @@ def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
 
 
 class ConversationalRagChain:
-    def __init__(self, settings: Settings, retriever: Retriever, models: GenerationBackend, memory: ChatMemory):
+    def __init__(
+        self, settings: Settings, retriever: Retriever, models: GenerationBackend, memory: ChatMemory,
+        evidence: EvidenceSelector | None = None,
+    ):
         self.settings = settings
         self.retriever = retriever
+        self.evidence = evidence  # None: the model reads whole chunks
         self.models = models
         self.memory = memory
         self._generation_slots = threading.BoundedSemaphore(settings.chat.generation_concurrency)
@@ -89,16 +102,22 @@ class ConversationalRagChain:
         return text
 
     def stream(
-        self, question: str, *, owner: str, conversation_id: str | None = None, mode: Mode = "rag"
+        self, question: str, *, owner: str, conversation_id: str | None = None, mode: Mode = "rag",
+        history: list[tuple[str, str]] | None = None,
     ) -> Iterator[ChainEvent]:
-        """Yield tokens as they are generated, then one ``answer`` event. Raises InvalidQuestion."""
+        """Yield tokens as they are generated, then one ``answer`` event. Raises InvalidQuestion.
+
+        ``history``: (question, answer) pairs that replace the stored conversation's as what the
+        model and the follow-up search see (the API's request messages, the Compare view); the
+        turn is still recorded in memory."""
         if mode not in MODES:
             raise InvalidQuestion(f"Unknown mode {mode!r}; choose one of {', '.join(MODES)}.")
         text = self.validate(question)
         started = time.perf_counter()
         if conversation_id is None or not self.memory.exists(owner, conversation_id):
             conversation_id = self.memory.create(owner)
-        history = self.memory.turns(owner, conversation_id)
+        if history is None:
+            history = self.memory.turns(owner, conversation_id)
         self.memory.append(owner, conversation_id, "user", text, mode=mode)
         answer = Answer(text="", mode=mode, conversation_id=conversation_id, query=text)
 
@@ -106,11 +125,14 @@ class ConversationalRagChain:
             answer.refused, answer.text = "no adapter configured", NO_ADAPTER.format(mode=mode)
         elif mode in RETRIEVING_MODES:
             t0 = time.perf_counter()
-            answer.query, answer.sources = self._retrieve(text, history, readable_scopes(owner))
+            answer.query, answer.sources = self.retrieve_for(text, history, readable_scopes(owner))
+            answer.sources = prefer_newer(answer.sources)
             answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not answer.sources:
                 # Nothing relevant was found: say so rather than let the model answer from nothing.
                 answer.refused, answer.text = "no chunk passed retrieval.score_threshold", NOT_COVERED
+            else:
+                self._select_evidence(text, bool(history), answer)
         if answer.refused:
             yield ChainEvent("token", text=answer.text)
         else:
@@ -135,6 +157,8 @@ class ConversationalRagChain:
         chunks = None
         if answer.mode in RETRIEVING_MODES:
             chunks = [ContextChunk(s.text, s.title, s.source, s.page, s.section) for s in answer.sources]
+            if answer.evidence:
+                chunks = narrow_chunks(chunks, answer.evidence[: self.settings.retrieval.evidence.prompt_units])
         messages = self._fit(question, chunks, history, answer)
         answer.timings["prompt_tokens"] = self.models.count_prompt_tokens(messages)
         model = self.models.chat_model(adapted, self.settings.llm.max_new_tokens)
@@ -154,15 +178,64 @@ class ConversationalRagChain:
         answer.timings["tokens_per_s"] = round(generated / decode_seconds, 2) if decode_seconds > 0 else 0.0
         generated_text = drop_unknown_citations(generated_text, len(answer.sources))
         answer.text = generated_text
-        answer.cited = cited_numbers(generated_text, len(answer.sources))
+        if answer.mode in RETRIEVING_MODES and answer.sources:
+            self._check(question, answer)
+        answer.cited = cited_numbers(answer.text, len(answer.sources))
         if not answer.cited and answer.sources and self.settings.chat.attribute_citations:
-            answer.text, answer.cited = attribute(generated_text, [s.text for s in answer.sources])
+            answer.text, answer.cited = attribute(answer.text, [s.text for s in answer.sources])
             answer.citations_attributed = bool(answer.cited)
         for source in answer.sources:
             source.cited = source.n in answer.cited
 
-    def _retrieve(self, question: str, history: list[tuple[str, str]],
-                  scopes: list[str] | None = None) -> tuple[str, list[Source]]:
+    def _select_evidence(self, question: str, followup: bool, answer: Answer) -> None:
+        """Rank the retrieved chunks' units, and decline when core.decline says they do not cover it."""
+        if self.evidence is None or not self.settings.retrieval.evidence.enabled:
+            return
+        answer.evidence, answer.decline_features = self.evidence_and_features(question, answer.sources, followup)
+        decline = self.settings.retrieval.decline
+        if not decline.enabled or not decline.weights:
+            return
+        answer.not_covered_probability = round(
+            not_covered_probability(answer.decline_features, decline.intercept, decline.weights), 4)
+        if answer.not_covered_probability >= decline.threshold:
+            answer.refused = f"not covered: P = {answer.not_covered_probability:.2f} >= retrieval.decline.threshold"
+            answer.text = NOT_COVERED
+
+    def evidence_and_features(
+        self, question: str, sources: list[Source], followup: bool
+    ) -> tuple[list[EvidenceUnit], dict[str, float]]:
+        """The ranked evidence units and the decline features (``python -m evals.calibrate`` fits on these)."""
+        assert self.evidence is not None
+        # A superseded chunk is shown (marked) but never the evidence while a current one remains.
+        current = [s for s in sources if s.superseded_by is None] or sources
+        units = self.evidence.rank(question, [(s.n, s.text) for s in current])
+        features = decline_features(
+            question, [s.text for s in sources], sources[0].score if sources else None,
+            units[0].score if units else None, followup,
+        )
+        return units, features
+
+    def _check(self, question: str, answer: Answer) -> None:
+        """Keep only verified quotes and the sentences whose numbers a chunk states (core.quotes);
+        when nothing survives, show the best evidence instead of an empty or invented answer."""
+        if answer.text.strip() == NOT_COVERED:
+            return
+        checked = check_answer(answer.text, {s.n: s.text for s in answer.sources}, question)
+        answer.quotes, answer.removed = checked.quotes, checked.removed
+        answer.text = checked.text
+        if not answer.quotes and answer.evidence:
+            # The model quoted nothing verifiable: put the best unit first, as the quote it should have made.
+            best = answer.evidence[0]
+            answer.quotes = [Quote(n=best.n, text=best.text, verified=True)]
+            answer.text = "\n\n".join(p for p in (f'"{best.text}" [{best.n}]', checked.body) if p)
+            answer.evidence_fallback = not checked.body
+        units = self.settings.retrieval.evidence.units
+        highlighted = [(q.n, q.text) for q in answer.quotes] + [(u.n, u.text) for u in answer.evidence[:units]]
+        for source in answer.sources:
+            source.evidence = list(dict.fromkeys(text for n, text in highlighted if n == source.n))
+
+    def retrieve_for(self, question: str, history: list[tuple[str, str]],
+                     scopes: list[str] | None = None) -> tuple[str, list[Source]]:
         """The retrieval query for a follow-up, made understandable without the conversation, and
         what it finds. 'concat' tries the question alone and with earlier questions in front."""
         condense = self.settings.chat.condense

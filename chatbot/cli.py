@@ -7,6 +7,9 @@ Examples:
   python -m chatbot ask "And what if eGFR is below 45?" --conversation 3f2a... --mode rag
   python -m chatbot ask "What does STEMI mean?" --json     # answer, sources and timings as JSON
   python -m chatbot ask "What is HTN?" --mode hybrid --set llm.adapter=demo
+  python -m chatbot export 3f2a... --format md > conversation.md   # every message, its sources and feedback
+  python -m chatbot export 3f2a... --format json --owner user:alice
+  python -m chatbot delete 3f2a...                                 # gone from the list and from SQLite
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ def make_parser() -> argparse.ArgumentParser:
     # Also accepted after the question, where people type it.
     ask.add_argument("--set", dest="ask_overrides", action="append", metavar="KEY=VALUE",
                      help="override a setting, e.g. --set llm.adapter=demo")
+    for name, text in (("export", "print a conversation (Markdown or JSON) with its sources and feedback"),
+                       ("delete", "delete a conversation, its messages, sources and feedback from SQLite")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("conversation", help="the conversation id (printed after each answer)")
+        command.add_argument("--owner", default=CLI_OWNER,
+                             help=f"whose conversation: {CLI_OWNER!r} (the terminal's, default), 'user:NAME' for a "
+                             "signed-in user or an API key's user")
+        if name == "export":
+            command.add_argument("--format", choices=("md", "json"), default="md")
     return parser
 
 
@@ -75,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level if args.command != "ask" else "WARNING")
+    setup_logging(settings.log_level if args.command not in ("ask", "export", "delete") else "WARNING")
+    if args.command in ("export", "delete"):
+        return conversation_command(settings, args)  # the database only: no model, no index
 
     from chatbot.runtime import build_runtime
 
@@ -121,6 +135,25 @@ def ask(runtime, args: argparse.Namespace) -> int:
         where = f", page {source.page}" if source.page else ""
         print(f"[{source.n}] {'*' if source.cited else ' '} {source.title}{where} — {source.source} (score {source.score:.2f})")
     print(f"\nconversation: {answer.conversation_id}  ({answer.timings})", file=sys.stderr)
+    return 0
+
+
+def conversation_command(settings: Settings, args: argparse.Namespace) -> int:
+    from chatbot.memory import ChatMemory, ConversationNotFound, export_markdown
+
+    memory = ChatMemory(settings.history_db)
+    if args.command == "delete":
+        if not memory.delete(args.owner, args.conversation):
+            print(f"error: no conversation {args.conversation} of {args.owner} in {settings.history_db}", file=sys.stderr)
+            return 1
+        print(f"deleted conversation {args.conversation} from {settings.history_db}", file=sys.stderr)
+        return 0
+    try:
+        export = memory.export(args.owner, args.conversation)
+    except ConversationNotFound:
+        print(f"error: no conversation {args.conversation} of {args.owner} in {settings.history_db}", file=sys.stderr)
+        return 1
+    print(json.dumps(export, indent=2, ensure_ascii=False) if args.format == "json" else export_markdown(export), end="\n" if args.format == "json" else "")
     return 0
 
 

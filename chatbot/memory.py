@@ -10,6 +10,12 @@ someone else behaves exactly like one that does not exist. The one exception is
 ``rated_answers``, which reads every owner's thumbs for the training export (``python -m finetune
 prepare --from-feedback``, which applies the ``feedback`` settings' opt-in); no page calls it.
 
+A conversation can be exported whole (``export``: every message with its sources and feedback,
+as JSON or, through ``export_markdown``, as Markdown) and deleted (``delete``: its rows are
+removed with ``secure_delete`` on and the WAL checkpointed, so the text does not linger in the
+file). The page offers both through signed download links (chatbot/downloads.py), the CLI as
+``python -m chatbot export|delete ID``, the API as ``/v1/conversations/ID``.
+
 A question whose answer never came (the server was killed while it was being answered) gets,
 at the next start, an assistant message with status ``interrupted`` that says so: the page
 shows it, and the chain leaves that turn out of the history it gives the model.
@@ -30,6 +36,7 @@ from typing import Any
 from core.text import clean_text
 
 INTERRUPTED = "interrupted"
+EXPORT_FORMAT = "ragtune.conversation.v1"  # the JSON export's shape, named so a reader can check it
 INTERRUPTED_TEXT = "This answer was interrupted: the server stopped before it was finished. Please ask again."
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -260,9 +267,81 @@ class ChatMemory:
                     db.execute("UPDATE messages SET status = ? WHERE id = ?", (INTERRUPTED, question_id))
         return len(unanswered)
 
+    # -- export and delete -------------------------------------------------------------------
+    def export(self, owner: str, conversation_id: str) -> dict[str, Any]:
+        """The whole conversation as plain data: every message with its sources and feedback.
+        Raises ConversationNotFound (also for another owner's id)."""
+        self._require(owner, conversation_id)
+        with self._connect() as db:
+            title, created, updated = db.execute(
+                "SELECT title, created, updated FROM conversations WHERE id = ? AND owner = ?",
+                (conversation_id, owner),
+            ).fetchone()
+            rows = db.execute(
+                "SELECT id, role, content, mode, sources, feedback, status, created FROM messages "
+                "WHERE conversation_id = ? ORDER BY id", (conversation_id,),
+            ).fetchall()
+        return {
+            "format": EXPORT_FORMAT, "id": conversation_id, "title": title, "created": created, "updated": updated,
+            "messages": [
+                {"id": r[0], "role": r[1], "content": r[2], "mode": r[3], "sources": json.loads(r[4]),
+                 "feedback": r[5], "status": r[6], "created": r[7]}
+                for r in rows
+            ],
+        }
+
+    def delete(self, owner: str, conversation_id: str) -> bool:
+        """Remove the conversation, its messages, their sources and feedback from the database
+        file itself: ``secure_delete`` overwrites the freed pages with zeros, and a WAL
+        checkpoint moves that into the main file and empties the log, where the old pages would
+        otherwise linger. False when the owner has no such conversation."""
+        with self._connect() as db:
+            db.execute("PRAGMA secure_delete=ON")
+            found = db.execute(
+                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            ).fetchone()
+            if found is None:
+                return False
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner))
+        db = sqlite3.connect(self.path, timeout=30)
+        try:  # outside the transaction: a checkpoint cannot run inside one
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+        return True
+
     def _require(self, owner: str, conversation_id: str) -> None:
         if not self.exists(owner, conversation_id):
             raise ConversationNotFound(conversation_id)
+
+
+def export_markdown(export: dict[str, Any]) -> str:
+    """A conversation export (``ChatMemory.export``) as Markdown a person can read and keep."""
+    lines = [f"# {export['title']}", "",
+             f"Conversation `{export['id']}`, exported from ragtune on "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    for message in export["messages"]:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(message["created"]))
+        if message["role"] == "user":
+            lines += [f"## Question ({when})", "", message["content"], ""]
+            continue
+        mode = f", {message['mode']}" if message["mode"] else ""
+        lines += [f"### Answer ({when}{mode})", ""]
+        if message["status"] == INTERRUPTED:
+            lines += ["*(interrupted)*", ""]
+        lines += [message["content"], ""]
+        if message["feedback"] is not None:
+            lines += [f"Feedback: {'👍 liked' if message['feedback'] == 1 else '👎 disliked'}", ""]
+        if message["sources"]:
+            lines.append("Sources:")
+            for source in message["sources"]:
+                where = "".join(f", {k} {source[k]}" for k in ("page", "section") if source.get(k))
+                cited = " (cited)" if source.get("cited") else ""
+                lines.append(f"- [{source.get('n')}] {source.get('title')}, {source.get('source')}{where}, "
+                             f"score {source.get('score')}{cited}")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _title(text: str) -> str:

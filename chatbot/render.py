@@ -30,7 +30,7 @@ from ingest.uploads import uploaded_name
 SOURCE_PREVIEW_CHARS = 700
 ALLOWED_TAGS = {
     "p", "br", "strong", "em", "del", "code", "pre", "blockquote", "ul", "ol", "li", "hr",
-    "table", "thead", "tbody", "tr", "th", "td", "div",
+    "table", "thead", "tbody", "tr", "th", "td", "div", "mark",
 }
 _TAG = re.compile(r"(<[^>]*>)")
 # Characters that mean something to a Markdown parser, as numeric references: a browser shows
@@ -120,12 +120,16 @@ def render_sources(sources: list[dict[str, Any]], attributed: bool = False) -> s
         upload = uploaded_name(s["source"])
         shown_source = f"upload: {upload}" if upload else s["source"]
         mark = "<strong>cited</strong>" if s.get("cited") else "not cited"
+        if s.get("superseded_by"):
+            mark += f" · <em>superseded by {html.escape(clean_text(str(s['superseded_by'])), quote=False)}</em>"
         preview = s["text"] if len(s["text"]) <= SOURCE_PREVIEW_CHARS else s["text"][:SOURCE_PREVIEW_CHARS] + " …"
         escape = lambda v: html.escape(clean_text(str(v)), quote=False)  # noqa: E731
+        # The exact sentences the answer rests on, highlighted, above the chunk they come from.
+        evidence = "".join(f"<p>Evidence: <mark>{escape(unit)}</mark></p>" for unit in s.get("evidence") or [])
         parts.append(
             f"<p><strong>[{int(s['n'])}] {escape(title)}</strong>{escape(where)}<br>"
             f"<code>{escape(shown_source)}</code> · score {float(s['score']):.2f} · {mark}"
-            f"{' · <em>uploaded document</em>' if upload else ''}</p>"
+            f"{' · <em>uploaded document</em>' if upload else ''}</p>{evidence}"
             f"<blockquote>{_MARKDOWN.render(clean_text(preview))}</blockquote>"
         )
     return _finish("".join(parts))

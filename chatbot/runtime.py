@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from core.embeddings import Embedder, load_embedder
+from core.evidence import EvidenceSelector
 from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
 from core.store import Store, open_store
@@ -66,7 +67,8 @@ def build_runtime(
     embedder = embedder or load_embedder(settings.embedding)
     store.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
     memory = ChatMemory(settings.history_db)
-    chain = ConversationalRagChain(settings, Retriever(store, embedder, settings), generation, memory)
+    evidence = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
+    chain = ConversationalRagChain(settings, Retriever(store, embedder, settings), generation, memory, evidence)
     indexer = build_indexer(settings, store, embedder)
     return Runtime(
         settings=settings, store=store, embedder=embedder,

@@ -16,7 +16,10 @@ whole FastAPI app, does three things on every request:
 3. the identity it established is passed on as ``x-ragtune-user``, after deleting any such
    header the client sent, so the app can scope conversations to it without being spoofed;
 4. with ``chat.anonymous_uploads`` off and no sign-in, Gradio's upload route is refused, so no
-   visitor can put files on the server's disk at all.
+   visitor can put files on the server's disk at all;
+5. the OpenAI-compatible API (``/v1``, chatbot/api.py): with ``server.api_keys`` set it checks
+   its own Bearer keys, so this middleware does not ask those requests for a password; its
+   refusals on /v1 are in OpenAI's error shape, so that API clients can read them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +38,7 @@ from core.settings import LimitSettings, ServerSettings
 IDENTITY_HEADER = "x-ragtune-user"
 _OPEN_PATHS = {"/healthz"}  # probes carry no credentials
 _UPLOAD_PATH = "/gradio_api/upload"
+API_PREFIX = "/v1/"
 IMAGE_POLICY = "img-src 'self' data:"
 
 Scope = dict[str, Any]
@@ -58,6 +63,7 @@ class AccessMiddleware:
         self.trusted_header = server.trusted_header.lower().encode()
         self.logins = LoginGuard(limits or LimitSettings())
         self.uploads_refused = server.auth == "none" and not anonymous_uploads
+        self.api_checks_keys = bool(server.api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -68,10 +74,11 @@ class AccessMiddleware:
         root = scope.get("root_path", "") or self.server.root_path
         relative = path[len(root):] if root and path.startswith(root) else path
         user: str | None = None
-        if relative not in _OPEN_PATHS and self.server.auth != "none":
+        api = relative.startswith(API_PREFIX)
+        if relative not in _OPEN_PATHS and self.server.auth != "none" and not (api and self.api_checks_keys):
             user, refusal = await self._authenticate(scope, dict(headers))
             if refusal is not None:
-                await self._refuse(scope, send, *refusal)
+                await self._refuse(scope, send, *refusal, api=api)
                 return
         if self.uploads_refused and relative.rstrip("/") == _UPLOAD_PATH:
             await self._refuse(scope, send, 403, "Adding documents needs sign-in on this server (chat.anonymous_uploads).")
@@ -119,14 +126,20 @@ class AccessMiddleware:
         await asyncio.sleep(self.logins.failed(keys))  # other requests go on meanwhile
         return None, (401, "Wrong user name or password.", None)
 
-    async def _refuse(self, scope: Scope, send: Send, status: int, message: str, retry_after: float | None = None) -> None:
+    async def _refuse(self, scope: Scope, send: Send, status: int, message: str, retry_after: float | None = None,
+                      api: bool = False) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), *self.extra_headers]
+        kind = b"application/json" if api else b"text/plain; charset=utf-8"
+        headers = [(b"content-type", kind), *self.extra_headers]
         if status == 401 and self.server.auth == "password":
             headers.append((b"www-authenticate", b'Basic realm="ragtune", charset="UTF-8"'))
         if retry_after is not None:
             headers.append((b"retry-after", str(max(1, int(retry_after + 0.999))).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        if api:  # OpenAI's error shape
+            code = {401: "invalid_api_key", 403: "permission_denied", 429: "rate_limit_exceeded"}.get(status, "refused")
+            kind_name = "rate_limit_exceeded" if status == 429 else "invalid_request_error"
+            message = json.dumps({"error": {"message": message, "type": kind_name, "code": code}})
         await send({"type": "http.response.body", "body": message.encode()})

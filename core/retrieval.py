@@ -10,7 +10,7 @@ always reads the chunk's dense cosine, whatever ranked it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from core.prompts import ContextChunk
@@ -33,10 +33,20 @@ class Source:
     page: int | None = None
     section: str | None = None
     cited: bool = False
+    evidence: list[str] = field(default_factory=list)  # its units the answer rests on (highlighted)
+    supersedes: list[str] = field(default_factory=list)  # documents its own replaces (front matter)
+    superseded_by: str | None = None  # set when a newer retrieved document replaces this one
 
 
 def chunk_of(hit: Hit) -> ContextChunk:
     return ContextChunk.from_metadata(str(hit.payload.get(CONTENT_KEY, "")), hit.payload.get(METADATA_KEY) or {})
+
+
+def source_of(hit: Hit, n: int) -> Source:
+    """A hit as a numbered source, with the documents its own supersedes (front matter)."""
+    shown = {k: v for k, v in asdict(chunk_of(hit)).items() if k != "n"}
+    metadata = hit.payload.get(METADATA_KEY) or {}
+    return Source(n=n, score=round(hit.score, 4), **shown, supersedes=list(metadata.get("supersedes") or []))
 
 
 class Retriever:
@@ -59,7 +69,7 @@ class Retriever:
         """The chunks for ``query`` the chat shows. ``scopes``: the scopes the asker may read
         (``["public", UploadService.scope_for(owner)]``); None reads every scope."""
         hits = self.hits(query, where=SearchFilter(scopes=scopes) if scopes is not None else None)
-        return [Source(n=n, score=round(hit.score, 4), **asdict(chunk_of(hit))) for n, hit in enumerate(hits, 1)]
+        return [source_of(hit, n) for n, hit in enumerate(hits, 1)]
 
     def hits(self, query: str, vector: list[float] | None = None, *, where: SearchFilter | None = None,
              k: int | None = None, threshold: bool = True) -> list[Hit]:
@@ -85,3 +95,23 @@ class Retriever:
         if threshold and s.score_threshold is not None:
             found = [h for h in found if h.score >= s.score_threshold]
         return found[:k]
+
+
+def prefer_newer(sources: list[Source]) -> list[Source]:
+    """Fresh knowledge wins: a chunk of a document that another retrieved document supersedes
+    (its front matter ``supersedes: policies/old.md``) is marked so and moved behind the others;
+    the sources are renumbered so that [n] stays the order the model sees."""
+    replaced: dict[str, str] = {}
+    for source in sources:
+        for old in source.supersedes:
+            replaced.setdefault(old.strip("/"), source.source)
+    if not replaced:
+        return sources
+    for source in sources:
+        for old, newer in replaced.items():
+            if source.source != newer and (source.source == old or source.source.endswith("/" + old)):
+                source.superseded_by = newer
+    ordered = [s for s in sources if s.superseded_by is None] + [s for s in sources if s.superseded_by]
+    for n, source in enumerate(ordered, start=1):
+        source.n = n
+    return ordered

@@ -146,8 +146,33 @@ class IngestSettings(_Section):
         return self
 
 
+class EvidenceSettings(_Section):
+    """Which sentences of the retrieved chunks the model reads (core/evidence.py)."""
+
+    enabled: bool = Field(True, description="narrow the chunks to their best units; false = whole chunks")
+    prompt_units: int = Field(4, ge=1, le=20, description="units the model reads, under their chunk's [n]")
+    units: int = Field(2, ge=1, le=10, description="units highlighted as the evidence of an answer")
+    lexical_weight: float = Field(0.4, ge=0.0, description="weight of the question's rare words a unit contains")
+    range_weight: float = Field(0.2, ge=0.0, description="weight of a question number inside a unit's range")
+    rank_weight: float = Field(0.1, ge=0.0, description="weight of the chunk's retrieval rank (1/rank)")
+
+
+class DeclineSettings(_Section):
+    """When to answer "not covered" without generating (core/decline.py); fitted by
+    ``python -m evals calibrate`` on the validation set, which prints the trade-off curve."""
+
+    enabled: bool = True
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="decline when P(not covered) is at least this")
+    intercept: float = 0.0
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="feature -> coefficient (core.decline.FEATURES); empty = never decline"
+    )
+
+
 class RetrievalSettings(_Section):
     k: int = Field(4, ge=1, le=50, description="chunks given to the model")
+    evidence: EvidenceSettings = Field(default_factory=EvidenceSettings)
+    decline: DeclineSettings = Field(default_factory=DeclineSettings)
     search: Literal["similarity", "mmr"] = "similarity"
     fetch_k: int = Field(20, ge=1, description="MMR: candidates to diversify from")
     mmr_lambda: float = Field(0.5, ge=0.0, le=1.0, description="MMR: 1 = relevance only, 0 = diversity only")
@@ -225,6 +250,14 @@ class FeedbackSettings(_Section):
     )
 
 
+class ApiKey(_Section):
+    """One key for the OpenAI-compatible API (chatbot/api.py) and the user it acts as: that
+    user's conversations, document scope and rate limits, as if they had signed in on the page."""
+
+    key: str = Field(min_length=16, description="sent as 'Authorization: Bearer <key>'")
+    user: str = Field(min_length=1, description="the user name the key acts as (e.g. the same name as in server.users)")
+
+
 class ServerSettings(_Section):
     """Where the app listens, who may frame it, and who may use it."""
 
@@ -243,11 +276,19 @@ class ServerSettings(_Section):
     trusted_proxies: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "::1"], description="addresses whose trusted header is believed"
     )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="keys for /v1 (the OpenAI-compatible API), each acting as a user; set: a /v1 request "
+        "without a valid key is 401; empty: /v1 follows the page's rules (server.auth)",
+    )
 
     @model_validator(mode="after")
     def _auth_complete(self) -> "ServerSettings":
         if self.auth == "password" and not self.users:
             raise ValueError("server.auth=password needs server.users (name: password)")
+        keys = [k.key for k in self.api_keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("server.api_keys: the same key is listed twice")
         for origin in self.allowed_embedders:
             if origin not in ("'self'", "'none'", "*") and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"server.allowed_embedders: {origin!r} is not an origin like https://intranet.example")

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from chatbot.runtime import Runtime
     from evals.questions import EvalQuestion, QuestionSet
 
-DEFAULT_MODES = "base,rag,finetuned,hybrid"
+DEFAULT_MODES = "base,rag,finetuned,hybrid,extractive"  # extractive: the no-generation baseline
 RECORDS_FILE = "records.jsonl"
 RUN_FILE = "run.json"
 HISTORY_FILE = "chat.sqlite3"
@@ -115,10 +115,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _modes(text: str) -> list[str]:
+    from evals.runner import EXTRACTIVE
+
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    known = (*MODES, EXTRACTIVE)
+    unknown = [m for m in modes if m not in known]
     if unknown or not modes:
-        raise SettingsError(f"--modes: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODES)}")
+        raise SettingsError(f"--modes: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     return list(dict.fromkeys(modes))
 
 
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, ModelUnavailableError) as exc:
         return _fail(str(exc))
     try:
-        if runtime.store.count() == 0 and any(m in ("rag", "hybrid") for m in modes):
+        if runtime.store.count() == 0 and any(m in ("rag", "hybrid", "extractive") for m in modes):
             return _fail(f"the collection {settings.qdrant.collection!r} is empty: index the documents first "
                          f"(python -m ingest data/demo, or the PubMedQA corpus with --collection)")
         notes = [f"skipped question record: {p}" for p in qa.problems]

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from core.facts import numbers, unsupported_numbers
 from core.prompts import NOT_COVERED
 from core.qa import CLOSED_LABELS, closed_label  # noqa: F401  (a reference's label: the Q/A record's rule)
 
@@ -241,7 +242,41 @@ def score_record(record: Mapping[str, Any]) -> dict[str, Any]:
         scores["cites_gold"] = any(s.get("cited") and is_gold(s.get("source", ""), gold) for s in sources)
     scores["phantom_citations"] = phantom_citations(answer, record.get("cited") or [], len(sources))
     scores["declined"] = declined(answer)
+    scores |= fact_scores(record, scores["declined"])
     return scores
+
+
+def fact_scores(record: Mapping[str, Any], was_declined: bool) -> dict[str, Any]:
+    """The numbers check (core/facts.py): of the reference's numbers, the share the answer states
+    (recall); of the numbers the answer states, the share in the reference (precision: listing
+    every number of the chunks does not pay); numbers no chunk it was given contains; quotes."""
+    answer = record.get("answer") or ""
+    reference = record.get("reference") or ""
+    out: dict[str, Any] = {}
+    if record.get("unanswerable") or record.get("label"):
+        return out
+    wanted = set(numbers(reference))
+    stated = numbers(answer)
+    if wanted:
+        out["key_number_recall"] = len(wanted & set(stated)) / len(wanted)
+        if stated:
+            out["key_number_precision"] = sum(n in wanted for n in stated) / len(stated)
+    texts = [s["text"] for s in record.get("sources") or [] if s.get("text")]
+    if texts and not was_declined:
+        out["unsupported_numbers"] = unsupported_numbers(answer, texts, record.get("question") or "")
+    quotes = record.get("quotes")
+    if quotes is not None and not was_declined:
+        out["quotes_shown"] = len(quotes)
+        out["quotes_verified"] = all(q.get("verified") for q in quotes)
+        out["quotes_removed"] = len(record.get("removed_quotes") or [])
+    if record.get("stale_doc") and record.get("retrieved") is not None and not was_declined:
+        # Answered from the newer document: its key numbers, not the superseded ones, and the
+        # first cited (or, uncited, first shown) source is not the stale document.
+        cited = [s for s in record.get("sources") or [] if s.get("cited")] or list(record.get("sources") or [])
+        first = cited[0]["source"] if cited else ""
+        out["answered_from_newer"] = bool(cited) and not is_gold(first, record["stale_doc"]) and (
+            not wanted or bool(wanted & set(stated)))
+    return out
 
 
 # -- one mode ----------------------------------------------------------------------------------
@@ -305,6 +340,22 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["declined_unanswerable"] = _mean(s["declined"] for s in unanswerable)
     out["n_answerable"] = len(answerable)
     out["declined_answerable"] = _mean(s["declined"] for s in answerable)
+
+    with_numbers = [s for s in scored if "key_number_recall" in s]
+    out["n_key_numbers"] = len(with_numbers)
+    out["key_number_recall"] = _mean(s["key_number_recall"] for s in with_numbers)
+    stating = [s for s in scored if "key_number_precision" in s]
+    out["n_key_number_precision"] = len(stating)
+    out["key_number_precision"] = _mean(s["key_number_precision"] for s in stating)
+    checked = [s for s in scored if "unsupported_numbers" in s]
+    out["n_unsupported_checked"] = len(checked)
+    out["unsupported_number_share"] = _mean(bool(s["unsupported_numbers"]) for s in checked)
+    quoting = [s for s in scored if s.get("quotes_shown")]
+    out["n_quoting"] = len(quoting)
+    out["quotes_verified"] = _mean(s["quotes_verified"] for s in quoting)
+    newer = [s for s in scored if "answered_from_newer" in s]
+    out["n_updates"] = len(newer)
+    out["answered_from_newer"] = _mean(s["answered_from_newer"] for s in newer)
 
     timings = [r.get("timings") or {} for r in records]
     out["ttft_s"] = _mean(t.get("ttft_s") for t in timings)

@@ -46,6 +46,12 @@ ROWS: tuple[Row, ...] = (
     Row("majority-class baseline macro-F1", "majority_macro_f1", _pct, "n_closed"),
     Row("answer token F1", "token_f1", _pct, "n_free"),
     Row("answer ROUGE-L", "rouge_l", _pct, "n_free"),
+    Row("key-number recall (reference numbers stated)", "key_number_recall", _pct, "n_key_numbers"),
+    Row("key-number precision (stated numbers in the reference)", "key_number_precision", _pct,
+        "n_key_number_precision"),
+    Row("answers stating a number no chunk contains", "unsupported_number_share", _pct, "n_unsupported_checked"),
+    Row("shown quotes verified in their source", "quotes_verified", _pct, "n_quoting"),
+    Row("updates: answered from the newer document", "answered_from_newer", _pct, "n_updates"),
     Row("citations point at the gold document", "cites_gold", _pct, "n_cites_gold"),
     Row("... among answers that cite something", "cites_gold_when_citing", _pct, "n_citing"),
     Row("cites something not retrieved (must be 0)", "phantom_citation_share", _pct),
@@ -64,6 +70,7 @@ CHART_METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy (generated)", "accuracy_generated"),
     ("accuracy (likelihood)", "accuracy_likelihood"),
     ("token F1", "token_f1"),
+    ("key-number recall", "key_number_recall"),
     ("ROUGE-L", "rouge_l"),
     ("cites gold", "cites_gold"),
     ("declines unanswerable", "declined_unanswerable"),
@@ -93,8 +100,34 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What the per-question-type table shows: the rows where types differ most.
+TYPE_ROWS: tuple[tuple[str, str], ...] = (
+    ("recall@1", "recall@1"), ("key-number recall", "key_number_recall"), ("token F1", "token_f1"),
+    ("declined", "declined"),
+)
+
+
+def type_table(records: Sequence[Mapping[str, Any]], modes: Sequence[str]) -> str:
+    """Per question type x mode: retrieval recall@1, key-number recall, token F1, declined share."""
+    types = sorted({r.get("type") or "untyped" for r in records})
+    if len(types) < 2:
+        return ""
+    lines = ["| type | metric | " + " | ".join(modes) + " |", "|---|---|" + "---:|" * len(modes)]
+    for qtype in types:
+        for label, key in TYPE_ROWS:
+            cells = []
+            for mode in modes:
+                values = [r["scores"].get(key) for r in records
+                          if r["mode"] == mode and (r.get("type") or "untyped") == qtype]
+                present = [float(v) for v in values if v is not None]
+                cells.append(f"{100 * sum(present) / len(present):.1f}% ({len(present)})" if present else "–")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {qtype} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, Any]],
-                  notes: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (), by_type: str = "") -> str:
     qa = config["question_set"]
     llm = config["llm"]
     retrieval = config["retrieval"]
@@ -108,8 +141,10 @@ def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, 
         markdown_table(summary),
         "",
         "Shares are over the n questions of each row (retrieval and citation rows: modes that retrieve). "
-        "Definitions: docs/evals.md.",
+        "`extractive` is the baseline with no generation: the chat's retrieval, then the 2 sentences closest "
+        "to the question by the embedder. Definitions: docs/evals.md.",
         "",
+        *([("## Per question type (share, and questions behind it)"), "", by_type, ""] if by_type else []),
         "## Configuration",
         "",
         f"- command: `{config['command']}`",
@@ -178,7 +213,7 @@ def write_outputs(out: Path, config: Mapping[str, Any], records: Sequence[Mappin
                   modes: Sequence[str], notes: Sequence[str] = ()) -> dict[str, Path]:
     summary = summaries(records, modes)
     written = {"report": out / REPORT_FILE, "results": out / RESULTS_FILE}
-    written["report"].write_text(render_report(config, summary, notes), encoding="utf-8")
+    written["report"].write_text(render_report(config, summary, notes, type_table(records, modes)), encoding="utf-8")
     written["results"].write_text(json.dumps(
         {"config": config, "summary": summary, "notes": list(notes), "records": list(records)},
         indent=2, ensure_ascii=False,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.generation import LikelihoodUnavailable
 from core.modes import ADAPTED_MODES, RETRIEVING_MODES
-from core.prompts import ContextChunk, build_messages
+from core.prompts import NOT_COVERED, ContextChunk, build_messages
 from core.store import PUBLIC_SCOPE
 from evals.metrics import RECALL_AT, score_record
 from evals.questions import EvalQuestion
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # The owner of the evaluation's conversations in the run's own history database.
 OWNER = "evals"
+# The baseline column with no generation at all (issue 12): generation has to beat it.
+EXTRACTIVE = "extractive"
+EXTRACTIVE_SENTENCES = 2
 
 
 class Evaluator:
@@ -75,7 +78,8 @@ class Evaluator:
         return answered
 
     def warm_up(self, mode: str) -> None:
-        self.chain.models.warm_up(mode in ADAPTED_MODES)
+        if mode != EXTRACTIVE:
+            self.chain.models.warm_up(mode in ADAPTED_MODES)
 
     # -- one question ------------------------------------------------------------------------
     def evaluate(self, mode: str, question: EvalQuestion) -> dict[str, Any]:
@@ -85,6 +89,8 @@ class Evaluator:
 
         set_seed(self.seed)
         record: dict[str, Any] = {"mode": mode, **question.as_record_fields()}
+        if mode == EXTRACTIVE:
+            return self._extract(question, record)
         conversation = self._chain_conversation(mode, question)
         try:
             answer = self.chain.ask(question.question, owner=OWNER, conversation_id=conversation, mode=mode)
@@ -109,9 +115,16 @@ class Evaluator:
             "refused": answer.refused,
             "sources": [
                 {"n": s.n, "source": s.source, "title": s.title, "page": s.page, "section": s.section,
-                 "score": s.score, "cited": s.cited}
+                 "score": s.score, "cited": s.cited, "text": s.text, "evidence": s.evidence,
+                 "superseded_by": s.superseded_by}
                 for s in answer.sources
             ],
+            "quotes": [{"n": q.n, "text": q.text, "verified": q.verified} for q in answer.quotes],
+            "removed_quotes": [r for r in answer.removed if r.startswith('"')],
+            "removed": answer.removed,
+            "evidence_fallback": answer.evidence_fallback,
+            "not_covered_probability": answer.not_covered_probability,
+            "decline_features": answer.decline_features,
             "cited": answer.cited,
             "citations_attributed": answer.citations_attributed,
             "timings": answer.timings,
@@ -120,6 +133,44 @@ class Evaluator:
         if question.label:
             record["label_logprobs"] = self._label_logprobs(
                 question, answer, adapted=mode in ADAPTED_MODES, retrieving=mode in RETRIEVING_MODES)
+        record["scores"] = score_record(record)
+        return record
+
+    def _extract(self, question: EvalQuestion, record: dict[str, Any]) -> dict[str, Any]:
+        """The extractive baseline: the chat's own retrieval (follow-ups condensed as the chat does),
+        and for an answer the 2 sentences closest to the question by the same embedder. No model."""
+        import time
+
+        from core.evidence import closest_sentences
+        from core.retrieval import prefer_newer
+
+        started = time.perf_counter()
+        memory = self.chain.memory
+        conversation = self._chain_conversation(EXTRACTIVE, question)
+        history = memory.turns(OWNER, conversation) if conversation else []
+        query, sources = self.chain.retrieve_for(question.question, history, [PUBLIC_SCOPE])
+        sources = prefer_newer(sources)
+        units = closest_sentences(self.runtime.embedder.embeddings, question.question,
+                                  [(s.n, s.text) for s in sources], limit=EXTRACTIVE_SENTENCES)
+        answer = " ".join(f"{u.text} [{u.n}]" for u in sorted(units, key=lambda u: (u.n, u.index)))
+        answer = answer or NOT_COVERED
+        conversation = conversation or memory.create(OWNER)
+        memory.append(OWNER, conversation, "user", question.question, mode=EXTRACTIVE)
+        memory.append(OWNER, conversation, "assistant", answer, mode=EXTRACTIVE)
+        if question.conversation_id is not None:
+            self._conversations[(EXTRACTIVE, question.conversation_id)] = conversation
+        cited = sorted({u.n for u in units})
+        record |= {
+            "query": query,
+            "retrieved": [{"source": s.source, "page": s.page, "score": s.score}
+                          for s in self.recall_retriever.retrieve(query, scopes=[PUBLIC_SCOPE])],
+            "answer": answer, "refused": None if units else "nothing retrieved",
+            "sources": [{"n": s.n, "source": s.source, "title": s.title, "page": s.page, "section": s.section,
+                         "score": s.score, "cited": s.n in cited, "text": s.text} for s in sources],
+            "cited": cited, "citations_attributed": False,
+            "timings": {"total_s": round(time.perf_counter() - started, 3)},
+            "chat_conversation_id": conversation,
+        }
         record["scores"] = score_record(record)
         return record
 

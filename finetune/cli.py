@@ -93,6 +93,11 @@ def make_parser() -> argparse.ArgumentParser:
     prep.add_argument("--followups", choices=["with-history", "skip"], default="with-history",
                       help="follow-up turns: keep, with earlier turns as chat history (default), or skip")
     prep.add_argument("--max-tokens", type=int, help="longest example allowed (default llm.context_window)")
+    prep.add_argument("--no-raft-unanswerable", action="store_true",
+                      help="no RAFT examples for unanswerable records: the chat's calibrated decline "
+                           "(retrieval.decline) says 'not covered', so the adapter always answers (the demo)")
+    prep.add_argument("--no-quotes", action="store_true",
+                      help="RAFT prompts show whole chunks and targets do not quote (the pre-evidence format)")
     prep.add_argument("--force", action="store_true", help="replace --out if it exists")
     _common(prep)
 
@@ -217,6 +222,7 @@ def _prepare(args: argparse.Namespace, settings: Settings, progress: bool) -> in
             kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
             distractors=args.distractors, no_gold_share=args.no_gold_share, val_share=args.val_share,
             seed=args.seed, followups=args.followups, max_tokens=args.max_tokens,
+            raft_unanswerable=not args.no_raft_unanswerable, quotes=not args.no_quotes,
         )
     except ValidationError as exc:
         raise InputError("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("_", "-")

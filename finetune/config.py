@@ -70,6 +70,10 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimiser steps; when set it wins over epochs")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a lower validation loss, and keep the "
+        "best epoch's adapter (checkpoints then come once an epoch); null = train all epochs",
+    )
     batch_size: int = Field(4, ge=1)
     eval_batch_size: int = Field(4, ge=1)
     gradient_accumulation: int = Field(2, ge=1)

@@ -44,7 +44,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.embeddings import Embedder
-from core.prompts import NOT_COVERED, ContextChunk, best_query, build_messages, followup_queries
+from core.evidence import EvidenceSelector, EvidenceUnit, words
+from core.facts import numbers
+from core.prompts import NOT_COVERED, ContextChunk, best_query, build_messages, followup_queries, narrow_chunks
+from core.quotes import quote_target
 from core.qa import QARecord, check_disjoint, load_qa
 from core.settings import Settings
 from core.retrieval import Retriever, chunk_of
@@ -78,6 +81,11 @@ class PrepareOptions(BaseModel):
         "with-history", description="follow-up turns: keep them (earlier turns as chat history) or leave them out"
     )
     max_tokens: int | None = Field(None, ge=32, description="longest example allowed; default llm.context_window")
+    raft_unanswerable: bool = Field(
+        True, description="RAFT examples for unanswerable records (target NOT_COVERED); false when the chat's "
+        "calibrated decline (retrieval.decline) decides 'not covered' and the adapter should always answer"
+    )
+    quotes: bool = Field(True, description="RAFT prompts show the evidence units and targets quote them first")
 
 
 @dataclass(frozen=True)
@@ -245,19 +253,71 @@ def sft_example(record: QARecord, history: list[tuple[str, str]]) -> dict[str, A
     }
 
 
+def answer_quotes(answer: str, units: Sequence[EvidenceUnit], limit: int = 2) -> list[EvidenceUnit]:
+    """The shown units a reference answer rests on, for the target's quotes: the one that states
+    most of the answer's numbers and words, then a second only if it adds a number the first lacks.
+    Chosen among what the model is shown (the evidence selector's units), so the adapter learns to
+    copy from its prompt, exactly as it must when serving."""
+    wanted_numbers = set(numbers(answer))
+    wanted_words = set(words(answer))
+
+    def overlap(unit: EvidenceUnit) -> tuple[int, float]:
+        text = unit.for_prompt()
+        return (len(wanted_numbers & set(numbers(text))),
+                len(wanted_words & set(words(text))) / max(len(wanted_words), 1))
+
+    ranked = sorted(units, key=overlap, reverse=True)
+    # A unit sharing no number and under a quarter of the answer's words does not state it.
+    if not ranked or (overlap(ranked[0])[0] == 0 and overlap(ranked[0])[1] < 0.25):
+        return []
+    chosen = [ranked[0]]
+    missing = wanted_numbers - set(numbers(ranked[0].for_prompt()))
+    for unit in ranked[1:limit + 5]:
+        if len(chosen) >= limit or not missing:
+            break
+        adds = missing & set(numbers(unit.for_prompt()))
+        if adds:
+            chosen.append(unit)
+            missing -= adds
+    return chosen
+
+
 def raft_example(
     record: QARecord,
     history: list[tuple[str, str]],
     gold: Passage | None,
     distractors: list[Passage],
     seed: int,
+    selector: EvidenceSelector | None = None,
+    prompt_units: int = 4,
 ) -> dict[str, Any]:
-    """Shuffle gold + distractors (seeded by the record id), number them, and cite the gold one."""
+    """Shuffle gold + distractors (seeded by the record id), number them, and cite the gold one.
+
+    With a ``selector`` (the chat's EvidenceSelector), the prompt shows only the selected units under their chunk numbers, as the chain
+    does, and the target quotes the unit(s) that state the answer before the answer itself
+    (RAFT's chain-of-thought with quotes; core/quotes.py reads the format back)."""
     passages = ([gold] if gold is not None else []) + list(distractors)
     random.Random(f"{seed}:order:{record.id}").shuffle(passages)
+    chunks = [p.chunk for p in passages]
+    quotes: list[EvidenceUnit] = []
+    if selector is not None:
+        # Ranked by the question as asked, as the chain ranks them (retrieval used ``query``).
+        units = selector.rank(record.question, [(n, c.text) for n, c in enumerate(chunks, start=1)])
+        shown = units[:prompt_units]
+        if gold is not None:
+            # The gold chunk's unit that states the answer is always shown (in place of the weakest
+            # shown unit): a target whose facts are not in its prompt would teach the adapter to invent.
+            gold_n = passages.index(gold) + 1
+            stating = answer_quotes(record.answer_text(), [u for u in units if u.n == gold_n], limit=1)
+            if stating and stating[0] not in shown:
+                shown = shown[: prompt_units - 1] + stating
+            quotes = answer_quotes(record.answer_text(), shown)
+        chunks = narrow_chunks(chunks, shown)
     if gold is not None:
         number = passages.index(gold) + 1
-        target, case = with_citation(record.answer_text(), number), "gold"
+        answer = with_citation(record.answer_text(), quotes[0].n if quotes else number)
+        target = quote_target([(u.n, u.text) for u in quotes], answer)
+        case = "gold"
     else:
         number, target = None, NOT_COVERED
         case = "unanswerable" if record.unanswerable else "no_gold"
@@ -265,8 +325,9 @@ def raft_example(
         "id": record.id,
         "case": case,
         "gold": number,
+        "quotes": len(quotes),
         "sources": [p.chunk.source for p in passages],
-        "prompt": build_messages(record.question, [p.chunk for p in passages], history),
+        "prompt": build_messages(record.question, chunks, history),
         "completion": [{"role": "assistant", "content": target}],
     }
 
@@ -287,6 +348,8 @@ def build_raft_examples(
     distractors: int,
     condense_turns: int,
     progress: bool = False,
+    selector: EvidenceSelector | None = None,
+    prompt_units: int = 4,
 ) -> list[dict[str, Any]]:
     """RAFT examples; a follow-up is searched like the chat searches it (chat.condense_turns)."""
     from tqdm import tqdm
@@ -297,11 +360,18 @@ def build_raft_examples(
     examples: list[dict[str, Any]] = []
     problems: list[str] = []
     k = distractors
+
+    def example(record: QARecord, history: list[tuple[str, str]], gold: Passage | None,
+                others: list[Passage]) -> dict[str, Any]:
+        return raft_example(record, history, gold, others, options.seed, selector if options.quotes else None,
+                            prompt_units)
+
     for record, history, (query, vector) in tqdm(
         list(zip(records, histories, queries)), desc=f"raft {split}", disable=not progress
     ):
         if record.unanswerable:
-            examples.append(raft_example(record, history, None, passages.top_outside(query, vector, None, k + 1), options.seed))
+            if options.raft_unanswerable:
+                examples.append(example(record, history, None, passages.top_outside(query, vector, None, k + 1)))
             continue
         try:
             doc_id = passages.gold_document(record)
@@ -309,13 +379,13 @@ def build_raft_examples(
             problems.append(str(exc))
             continue
         if record.id in no_gold:
-            examples.append(raft_example(record, history, None, passages.top_outside(query, vector, doc_id, k + 1), options.seed))
+            examples.append(example(record, history, None, passages.top_outside(query, vector, doc_id, k + 1)))
             continue
         gold = passages.best_in_document(query, vector, doc_id, record.gold_page)
         if gold is None:
             problems.append(f"{record.where}: gold_page {record.gold_page} has no indexed chunk in {doc_id}")
             continue
-        examples.append(raft_example(record, history, gold, passages.top_outside(query, vector, doc_id, k), options.seed))
+        examples.append(example(record, history, gold, passages.top_outside(query, vector, doc_id, k)))
     raise_problems(problems, "gold documents not found")
     return examples
 
@@ -381,9 +451,12 @@ def prepare(
             store = open_store(settings)
         try:
             passages = Passages(Retriever(store, embedder, settings))
+            # The chat's evidence selection, so the adapter reads what the chain will show it.
+            selector = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
             examples["raft"] = {
                 name: build_raft_examples(
-                    part, everything, passages, options, name, distractors, settings.chat.condense_turns, progress
+                    part, everything, passages, options, name, distractors, settings.chat.condense_turns, progress,
+                    selector, settings.retrieval.evidence.prompt_units,
                 )
                 for name, part in splits.items()
             }

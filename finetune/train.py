@@ -275,9 +275,17 @@ def train(
         # Only the columns TRL reads; prepare's bookkeeping fields stay behind.
         return Dataset.from_list([r.as_row(config.objective) for r in rows])
 
+    stopping: list["TrainerCallback"] = []
+    if config.early_stopping_patience:
+        # Train until validation loss stops falling (epochs is then the ceiling), keep the best epoch.
+        from transformers import EarlyStoppingCallback
+
+        shared |= dict(save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                       greater_is_better=False)
+        stopping.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     meter = _throughput_meter()
     trainer = make_trainer(
-        config, chat, shared, as_dataset(train_rows), as_dataset(val_rows), lora, [meter, *(callbacks or [])],
+        config, chat, shared, as_dataset(train_rows), as_dataset(val_rows), lora, [meter, *stopping, *(callbacks or [])],
     )
     base_loss = None
     if config.objective != "sft":
@@ -288,7 +296,9 @@ def train(
     history = list(trainer.state.log_history)
     evals = [h for h in history if "eval_loss" in h]
     # The end of the last epoch was just evaluated; evaluate again only if training stopped mid-epoch.
-    if evals and evals[-1]["step"] == trainer.state.global_step:
+    if config.early_stopping_patience and evals:
+        final_eval = min(evals, key=lambda h: h["eval_loss"])  # load_best_model_at_end restored this one
+    elif evals and evals[-1]["step"] == trainer.state.global_step:
         final_eval = evals[-1]
     else:
         final_eval = trainer.evaluate()

@@ -158,12 +158,16 @@ def load_file(path: Path, settings: IngestSettings, fingerprint: str) -> Iterato
             yield from _load_jsonl(path, shown, raw, settings, fingerprint)
             return
         doc_hash = _hash(raw, fingerprint)
+        extra_meta: dict[str, Any] = {}
         if suffix == ".pdf":
             title, parts = _load_pdf(path)
         elif suffix == ".docx":
             title, parts = _load_docx(path)
         else:
             text = _decode_text(raw)
+            if suffix in {".md", ".markdown", ".txt"}:
+                front, text = front_matter(text)
+                extra_meta = front
             if suffix in {".md", ".markdown"}:
                 title, parts = _load_markdown(text)
             elif suffix in {".html", ".htm"}:
@@ -182,6 +186,7 @@ def load_file(path: Path, settings: IngestSettings, fingerprint: str) -> Iterato
             title=title or path.stem.replace("-", " ").replace("_", " "),
             content_hash=doc_hash,
             parts=parts,
+            extra=extra_meta,
         )
     except _Refused as exc:
         yield LoadFailure(shown, str(exc))
@@ -189,6 +194,38 @@ def load_file(path: Path, settings: IngestSettings, fingerprint: str) -> Iterato
         yield LoadFailure(shown, f"cannot read file ({exc.__class__.__name__}: {exc})")
     except Exception as exc:  # a parser's own error on a malformed file: report, keep going
         yield LoadFailure(shown, f"cannot parse {path.suffix} file ({exc.__class__.__name__}: {exc})")
+
+
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n---[ \t]*\n", re.DOTALL)
+FRONT_MATTER_FIELDS = ("supersedes", "version", "effective")
+
+
+def front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """A leading YAML block (``---`` lines) of a Markdown or text file: the fields ragtune uses
+    (``supersedes``: the path, relative to the knowledge base, of a document this one replaces, or
+    a list of them; ``version``; ``effective``: a date) and the text without it."""
+    import yaml
+
+    match = _FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    try:
+        data = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as exc:
+        raise _Refused(f"front matter is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise _Refused("front matter must be a mapping of fields (e.g. supersedes: policies/old.md)")
+    kept: dict[str, Any] = {}
+    supersedes = data.get("supersedes")
+    if supersedes is not None:
+        items = [supersedes] if isinstance(supersedes, str) else supersedes
+        if not isinstance(items, list) or not all(isinstance(i, str) and i.strip() for i in items):
+            raise _Refused("front matter field 'supersedes' must be a document path or a list of paths")
+        kept["supersedes"] = [i.strip() for i in items]
+    for name in ("version", "effective"):
+        if data.get(name) is not None:
+            kept[name] = str(data[name])
+    return kept, text[match.end():]
 
 
 def _hash(raw: bytes, fingerprint: str) -> str:

@@ -65,7 +65,7 @@ def test_pubmedqa_records_have_a_label_a_long_answer_and_a_record_id_as_gold(tmp
 @pytest.mark.skipif(not (PUBMEDQA / "dev.jsonl").is_file(), reason="PubMedQA is not in ../shared")
 def test_the_shipped_question_sets_load_without_problems() -> None:
     demo = load_questions(DEMO / "qa" / "test.jsonl")
-    assert not demo.problems and len(demo.questions) == 91
+    assert not demo.problems and len(demo.questions) == 95
     pubmedqa = load_questions(PUBMEDQA / "dev.jsonl")
     assert not pubmedqa.problems and len(pubmedqa.questions) == 500
     assert {q.label for q in pubmedqa.questions} == {"yes", "no", "maybe"}

@@ -23,6 +23,10 @@ def make_app(limits: LimitSettings | None = None, **server) -> FastAPI:
     def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/v1/models")
+    def models(request: Request) -> dict:  # stands in for chatbot/api.py, which checks its own keys
+        return {"user": request.headers.get(IDENTITY_HEADER), "authorization": request.headers.get("authorization")}
+
     app.add_middleware(AccessMiddleware, server=ServerSettings(**server), limits=limits)
     return app
 
@@ -93,3 +97,18 @@ def test_settings_refuse_incomplete_auth_and_bad_origins() -> None:
         ServerSettings(auth="password")
     with pytest.raises(ValueError, match="allowed_embedders"):
         ServerSettings(allowed_embedders=["intranet.example"])
+
+
+@pytest.mark.anyio
+async def test_v1_checks_its_own_keys_and_is_refused_in_openais_shape() -> None:
+    key = "k" * 20
+    users = {"alice": "pw"}
+    with_keys = make_app(auth="password", users=users, api_keys=[{"key": key, "user": "bot"}])
+    api = await get(with_keys, "/v1/models", authorization=f"Bearer {key}")
+    assert api.status_code == 200 and api.json() == {"user": None, "authorization": f"Bearer {key}"}  # to the router
+    assert (await get(with_keys, "/whoami", authorization=f"Bearer {key}")).status_code == 401  # the page still asks
+    no_keys = await get(make_app(auth="password", users=users), "/v1/models", authorization=f"Bearer {key}")
+    assert no_keys.status_code == 401 and no_keys.json()["error"]["code"] == "invalid_api_key"  # server.auth applies
+    basic = base64.b64encode(b"alice:pw").decode()
+    signed_in = await get(make_app(auth="password", users=users), "/v1/models", authorization=f"Basic {basic}")
+    assert signed_in.json()["user"] == "alice"

@@ -1,0 +1,109 @@
+"""Quote, then answer: the answer format of the retrieving modes, and its check.
+
+The model is asked (and the adapter trained, finetune/data.py) to copy the evidence first,
+verbatim, as ``"..." [n]``, and then to answer in the team's words. ragtune checks every quote
+against the chunk it cites: a quote that is in its source (exactly, or within a few characters
+of one of its units: a 135M model drops a comma) is shown, snapped to the source's own words;
+one that is not is removed from the answer and counted, so that no shown quote is invented.
+A sentence of the answer that states a number no given chunk contains is removed as well.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from core.evidence import split_units
+from core.facts import numbers
+
+# "quoted text" [n] (straight or curly quotes), optionally after "Quote:" or "> ".
+_QUOTE = re.compile(r'(?:^|\n)\s*(?:>\s*)?(?:quote:\s*)?[“"]([^"”\n]{8,})[”"]\s*\[(\d{1,2})\]', re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"^\s*answer:\s*", re.IGNORECASE)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+SNAP_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class Quote:
+    n: int
+    text: str  # the source's own words when verified, else what the model wrote
+    verified: bool
+
+
+@dataclass
+class CheckedAnswer:
+    text: str  # what the user sees: verified quotes, then the answer
+    quotes: list[Quote] = field(default_factory=list)
+    body: str = ""  # the answer in the model's words, quotes removed
+    removed: list[str] = field(default_factory=list)  # unverified quotes and unsupported sentences
+
+
+def _normal(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w%./-]+", " ", text.lower())).strip()
+
+
+def verify_quote(quote: str, source: str) -> str | None:
+    """The source's words for ``quote``, or None when the source does not say it."""
+    wanted = _normal(quote)
+    if not wanted:
+        return None
+    units = [u for u, _ in split_units(source)]
+    for unit in units:
+        if wanted in _normal(unit):
+            # A part of one unit: show the part, in the source's spelling where it is exact.
+            start = unit.lower().find(quote.strip().lower())
+            return unit[start:start + len(quote.strip())] if start >= 0 else unit
+    if wanted in _normal(source):
+        return quote.strip()  # spans two units (a sentence split differently): still the source's words
+    # Near-verbatim: at least SNAP_RATIO of the quote's characters match one unit in order (a
+    # dropped comma or plural); the unit's own words are shown instead.
+    def covered(unit: str) -> float:
+        matcher = difflib.SequenceMatcher(None, wanted, _normal(unit), autojunk=False)
+        return sum(block.size for block in matcher.get_matching_blocks()) / len(wanted)
+
+    best = max(units, key=covered, default=None)
+    if best and covered(best) >= SNAP_RATIO:
+        return best
+    return None
+
+
+def split_quotes(answer: str) -> tuple[list[tuple[int, str]], str]:
+    """The ``"..." [n]`` quotes at the start of an answer, and the rest."""
+    quotes = [(int(m.group(2)), m.group(1).strip()) for m in _QUOTE.finditer(answer)]
+    body = _QUOTE.sub("\n", answer)
+    body = "\n".join(_ANSWER_LABEL.sub("", line) for line in body.splitlines()).strip()
+    return quotes, body
+
+
+def check_answer(answer: str, sources: Mapping[int, str], question: str = "") -> CheckedAnswer:
+    """Verify the quotes against the chunks they cite (``sources``: n -> chunk text) and remove the
+    answer's sentences that state a number no chunk (and not the question) contains."""
+    raw_quotes, body = split_quotes(answer)
+    checked = CheckedAnswer(text="")
+    for n, quote in raw_quotes:
+        found = verify_quote(quote, sources.get(n, ""))
+        if found is None:
+            checked.removed.append(f'"{quote}" [{n}]')
+        elif all(q.text != found for q in checked.quotes):
+            checked.quotes.append(Quote(n=n, text=found, verified=True))
+    known = set(numbers(question))
+    for text in sources.values():
+        known.update(numbers(text))
+    kept = []
+    for sentence in _SENTENCE.split(body):
+        if any(value not in known for value in numbers(sentence)):
+            checked.removed.append(sentence)
+        elif sentence.strip():
+            kept.append(sentence.strip())
+    checked.body = " ".join(kept)
+    shown = [f'"{q.text}" [{q.n}]' for q in checked.quotes]
+    checked.text = "\n\n".join(part for part in ("\n".join(shown), checked.body) if part)
+    return checked
+
+
+def quote_target(quotes: Sequence[tuple[int, str]], answer: str) -> str:
+    """The training target in the format ``check_answer`` reads: quotes first, then the answer."""
+    lines = [f'"{text}" [{n}]' for n, text in quotes]
+    return "\n".join(lines) + ("\n\n" if lines else "") + answer
