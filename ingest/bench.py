@@ -71,6 +71,7 @@ def bench_corpus(name: str, path: Path, overrides: dict, settings_file: Path | N
         settings = load_settings(settings_file, overrides | {"qdrant": {"path": f"{scratch}/qdrant", "collection": f"bench_{name}"}})
         store = open_store(settings)
         indexer = build_indexer(settings, store, embedder)
+        embedder.embeddings.embed_documents(["warm-up"] * 8)  # no row pays the model's first batch
         first = indexer.run([path], progress=False)
         rerun = indexer.run([path], progress=False)
         physical = store.physical_name()
