@@ -218,10 +218,17 @@ class ConversationalRagChain:
     def _check(self, question: str, answer: Answer) -> None:
         """Keep only verified quotes and the sentences whose numbers a chunk states (core.quotes);
         when nothing survives, show the best evidence instead of an empty or invented answer."""
-        if answer.text.strip() == NOT_COVERED:
-            return
+        if NOT_COVERED.lower() in answer.text.lower():
+            if answer.not_covered_probability is None or not answer.evidence:
+                return  # no calibrated decision was made: the model's refusal stands
+            # Declining is the calibrated decision's to make, and it said "covered": a 135M
+            # model writes the refusal it was trained on to answerable questions too. Its words
+            # are dropped and the best evidence is shown as the answer.
+            answer.removed.append(answer.text)
+            answer.text = ""
         checked = check_answer(answer.text, {s.n: s.text for s in answer.sources}, question)
-        answer.quotes, answer.removed = checked.quotes, checked.removed
+        answer.removed = answer.removed + checked.removed
+        answer.quotes = checked.quotes
         answer.text = checked.text
         if not answer.quotes and answer.evidence:
             # The model quoted nothing verifiable: put the best unit first, as the quote it should have made.

@@ -85,6 +85,13 @@ def check_answer(answer: str, sources: Mapping[int, str], question: str = "") ->
     for n, quote in raw_quotes:
         found = verify_quote(quote, sources.get(n, ""))
         if found is None:
+            # A small model copies the right sentence under the wrong number more often than it
+            # invents one: the quote is kept under the number of the chunk that does say it.
+            for other, text in sources.items():
+                if other != n and (found := verify_quote(quote, text)) is not None:
+                    n = other
+                    break
+        if found is None:
             checked.removed.append(f'"{quote}" [{n}]')
         elif all(q.text != found for q in checked.quotes):
             checked.quotes.append(Quote(n=n, text=found, verified=True))

@@ -10,6 +10,7 @@ merged export loads with plain transformers.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import yaml
 
 from core.hub import ModelUnavailableError
 from core.llm import load_chat_model
+from core.quotes import split_quotes
 from core.prompts import NOT_COVERED, SYSTEM_WITH_DOCUMENTS, build_messages
 from core.settings import Settings, load_settings
 from finetune.config import TrainConfig
@@ -92,12 +94,21 @@ def test_prepare_is_deterministic_and_shares_match(index, embedder, demo_qa, tmp
     for row in rows:
         record = records[row["id"]]
         assert row["prompt"][0]["content"] == SYSTEM_WITH_DOCUMENTS
-        assert row["prompt"][-1]["content"].count("<document n=") == 3 == len(row["sources"])
+        shown = row["prompt"][-1]["content"]
+        # Narrowed as the chat narrows: only chunks with a selected evidence unit, under their number.
+        numbers = [int(n) for n in re.findall(r'<document n="(\d+)"', shown)]
+        assert numbers == sorted(numbers) and set(numbers) <= {1, 2, 3} and len(row["sources"]) == 3
         target = row["completion"][0]["content"]
         gold_sources = [s for s in row["sources"] if record["gold_doc"] and s.endswith("/" + record["gold_doc"])]
         if row["case"] == "gold":
-            assert target == f"{record['answer']} [{row['gold']}]"
             assert row["sources"][row["gold"] - 1].endswith("/" + record["gold_doc"])
+            quotes, body = split_quotes(target)
+            assert len(quotes) == row["quotes"]
+            # Quote, then answer: every quote is copied from the prompt, and the answer cites it.
+            assert all(text in shown for _, text in quotes)
+            assert body == f"{record['answer']} [{quotes[0][0] if quotes else row['gold']}]"
+            if quotes:
+                assert f'<document n="{row["gold"]}"' in shown
         else:
             assert target == NOT_COVERED and not gold_sources
     sft_rows = [json.loads(line) for line in (tmp_path / "a" / "sft" / "train.jsonl").read_text().splitlines()]

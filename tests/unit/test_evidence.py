@@ -96,8 +96,10 @@ def test_quotes_are_verified_snapped_or_removed_and_unsupported_sentences_go() -
     assert checked.body == "It lasts 18 hours [1]."
     assert '"It is 40 mg" [1]' in checked.removed and "Give 40 mg." in checked.removed
     assert checked.text == '"The half-life is about 18 hours" [1]\n\nIt lasts 18 hours [1].'
-    # A quote citing another chunk than the one that says it is not verified.
-    assert check_answer('"Cardivexin is given once daily." [2]', {1: TABLE, 2: "Other text."}).quotes == []
+    # A quote under the wrong number is kept under the number of the chunk that says it.
+    moved = check_answer('"Cardivexin is given once daily." [2]', {1: TABLE, 2: "Other text."})
+    assert [(q.n, q.text) for q in moved.quotes] == [(1, "Cardivexin is given once daily.")]
+    assert check_answer('"Glucarnil is given weekly." [2]', {1: TABLE, 2: "Other text."}).quotes == []
 
 
 def test_the_training_target_quotes_what_states_the_reference_and_reads_back() -> None:
