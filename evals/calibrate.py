@@ -24,10 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from core.cli import add_settings_options, cli_settings
 from core.decline import FEATURES, fit_logistic, not_covered_probability
 from core.logs import setup_logging
 from core.retrieval import prefer_newer
-from core.settings import SettingsError, load_settings, parse_overrides
 from core.store import PUBLIC_SCOPE
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -47,8 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
                              "(no retrieval: seconds instead of minutes)")
     parser.add_argument("--write", type=Path, metavar="SETTINGS_YAML",
                         help="replace the retrieval.decline block of this settings file")
-    parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_settings_options(parser, "data_dir=/tmp/run")
     return parser
 
 
@@ -129,11 +128,7 @@ def write_block(path: Path, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        settings = load_settings(args.settings, parse_overrides(args.overrides))
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = cli_settings(args)
     setup_logging(settings.log_level)
     from chatbot.runtime import build_runtime
     from evals.questions import load_questions

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from core.logs import setup_logging
 from core.prompts import best_query, followup_queries
-from core.settings import Settings, SettingsError, load_settings, parse_overrides
+from core.cli import add_settings_options, cli_settings
+from core.settings import Settings
 from core.store import StoreError
 from evals.metrics import RECALL_AT, gold_rank
 from evals.questions import EvalQuestion, load_questions
@@ -150,22 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="question set (JSONL, the demo's format); repeat to pool several")
     parser.add_argument("--collection", help="Qdrant collection to retrieve from (default qdrant.collection)")
     parser.add_argument("--seed", type=int, default=0, help="draws of the unrelated earlier questions (default 0)")
-    parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set chat.condense_turns=3 (repeatable)")
+    add_settings_options(parser, "chat.condense_turns=3")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        overrides = parse_overrides(args.overrides)
-        if args.collection:
-            overrides.setdefault("qdrant", {})["collection"] = args.collection
-        settings = load_settings(args.settings, overrides)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = cli_settings(args, {"qdrant": {"collection": args.collection}} if args.collection else None)
     setup_logging(settings.log_level)
     for path in args.qa:
         if not path.is_file():

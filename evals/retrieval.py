@@ -28,7 +28,8 @@ from typing import Any
 
 from core.logs import setup_logging
 from core.prompts import best_query, followup_queries
-from core.settings import Settings, SettingsError, load_settings, parse_overrides
+from core.cli import add_settings_options, cli_settings
+from core.settings import Settings
 from core.store import PUBLIC_SCOPE, StoreError
 from evals.metrics import RECALL_AT, gold_rank, hit_at, reciprocal_rank
 from evals.questions import EvalQuestion, load_questions
@@ -120,19 +121,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--qa", type=Path, action="append", required=True, help="Q/A JSONL (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set retrieval.candidates=40 (repeatable)")
+    add_settings_options(parser, "retrieval.candidates=40")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        settings = load_settings(args.settings, parse_overrides(args.overrides))
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = cli_settings(args)
     setup_logging("WARNING")
     questions: list[EvalQuestion] = []
     for path in args.qa:

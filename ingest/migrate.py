@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.logs import setup_logging
-from core.settings import Settings, SettingsError, load_settings, parse_overrides
+from core.cli import add_settings_options, cli_settings
+from core.settings import Settings
 from core.store import DENSE, METADATA_KEY, SCOPE_KEY, StoreError, StorePoint, store_backend
 from core.store_edge import EdgeStore, is_local_mode_folder
 
@@ -202,19 +203,13 @@ def make_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dry-run", action="store_true", help="list the collections and points that would move")
-    parser.add_argument("--settings", type=Path, help="settings YAML (default ./settings.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set qdrant.path=/srv/index (repeatable)")
+    add_settings_options(parser, "qdrant.path=/srv/index")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        settings = load_settings(args.settings, parse_overrides(args.overrides))
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = cli_settings(args)
     setup_logging(settings.log_level)
     try:
         report = migrate(settings, dry_run=args.dry_run, progress=sys.stderr.isatty())
