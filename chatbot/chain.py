@@ -126,7 +126,6 @@ class ConversationalRagChain:
         elif mode in RETRIEVING_MODES:
             t0 = time.perf_counter()
             answer.query, answer.sources = self.retrieve_for(text, history, readable_scopes(owner))
-            answer.sources = prefer_newer(answer.sources)
             answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not answer.sources:
                 # Nothing relevant was found: say so rather than let the model answer from nothing.
@@ -243,6 +242,13 @@ class ConversationalRagChain:
 
     def retrieve_for(self, question: str, history: list[tuple[str, str]],
                      scopes: list[str] | None = None) -> tuple[str, list[Source]]:
+        """The standalone query and its sources, newer documents before the ones they supersede
+        (core.retrieval.prefer_newer): what the chat, the extractive baseline and calibration read."""
+        query, sources = self._search_for(question, history, scopes)
+        return query, prefer_newer(sources)
+
+    def _search_for(self, question: str, history: list[tuple[str, str]],
+                    scopes: list[str] | None = None) -> tuple[str, list[Source]]:
         """The retrieval query for a follow-up, made understandable without the conversation, and
         what it finds. 'concat' tries the question alone and with earlier questions in front."""
         condense = self.settings.chat.condense

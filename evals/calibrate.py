@@ -27,7 +27,6 @@ from typing import Any
 from core.cli import add_settings_options, cli_settings
 from core.decline import FEATURES, fit_logistic, not_covered_probability
 from core.logs import setup_logging
-from core.retrieval import prefer_newer
 from core.store import PUBLIC_SCOPE
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -70,7 +69,6 @@ def collect(runtime: Any, questions: list[Any]) -> list[tuple[dict[str, float], 
         earlier = [t for t in turns.get(q.conversation_id or "", []) if (t.turn or 0) < (q.turn or 0)]
         history = [(t.question, t.reference or "") for t in sorted(earlier, key=lambda t: t.turn or 0)]
         _, sources = chain.retrieve_for(q.question, history, [PUBLIC_SCOPE])
-        sources = prefer_newer(sources)
         if not sources:
             features = {name: 0.0 for name in FEATURES} | {"followup": float(bool(history))}
         else:

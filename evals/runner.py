@@ -142,14 +142,12 @@ class Evaluator:
         import time
 
         from core.evidence import closest_sentences
-        from core.retrieval import prefer_newer
 
         started = time.perf_counter()
         memory = self.chain.memory
         conversation = self._chain_conversation(EXTRACTIVE, question)
         history = memory.turns(OWNER, conversation) if conversation else []
         query, sources = self.chain.retrieve_for(question.question, history, [PUBLIC_SCOPE])
-        sources = prefer_newer(sources)
         units = closest_sentences(self.runtime.embedder.embeddings, question.question,
                                   [(s.n, s.text) for s in sources], limit=EXTRACTIVE_SENTENCES)
         answer = " ".join(f"{u.text} [{u.n}]" for u in sorted(units, key=lambda u: (u.n, u.index)))
