@@ -118,6 +118,8 @@ def split_units(text: str) -> list[tuple[str, str]]:
                 units.append((line, header))
             continue
         header = ""
+        if _HEADING.match(line):
+            continue  # a heading names what follows; it states nothing a quote could rest on
         line = _BULLET.sub("", line)
         units.extend((sentence.strip(), "") for sentence in _SENTENCE_END.split(line) if sentence.strip())
     return units

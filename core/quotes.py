@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from core.evidence import split_units
+from core.evidence import split_units, words
 from core.facts import numbers
 
 # "quoted text" [n] (straight or curly quotes), optionally after "Quote:" or "> ".
@@ -23,6 +23,7 @@ _QUOTE = re.compile(r'(?:^|\n)\s*(?:>\s*)?(?:quote:\s*)?[“"]([^"”\n]{8,})[�
 _ANSWER_LABEL = re.compile(r"^\s*answer:\s*", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 SNAP_RATIO = 0.9
+REPEAT_SHARE = 0.9  # of a sentence's words already shown: it repeats
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,26 @@ def check_answer(answer: str, sources: Mapping[int, str], question: str = "") ->
     for sentence in _SENTENCE.split(body):
         if any(value not in known for value in numbers(sentence)):
             checked.removed.append(sentence)
+        elif says_nothing_new(sentence, question, [q.text for q in checked.quotes] + kept):
+            checked.removed.append(sentence)
         elif sentence.strip():
             kept.append(sentence.strip())
     checked.body = " ".join(kept)
     shown = [f'"{q.text}" [{q.n}]' for q in checked.quotes]
     checked.text = "\n\n".join(part for part in ("\n".join(shown), checked.body) if part)
     return checked
+
+
+def says_nothing_new(sentence: str, question: str, shown: Sequence[str]) -> bool:
+    """A sentence that repeats the question back, or whose words a shown quote (or an earlier
+    sentence) already says: a 135M model pads its answer with both, and they push the facts
+    further from the reader without adding one."""
+    said = set(words(re.sub(r"\[\d{1,2}\]", " ", sentence)))  # its [n] is not something it says
+    if not said:
+        return bool(sentence.strip()) and not any(ch.isalnum() for ch in sentence)
+    if sentence.rstrip().endswith("?") and len(said & set(words(question))) >= 0.6 * len(said):
+        return True
+    return any(len(said & set(words(text))) >= REPEAT_SHARE * len(said) for text in shown)
 
 
 def quote_target(quotes: Sequence[tuple[int, str]], answer: str) -> str:

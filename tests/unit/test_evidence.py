@@ -54,6 +54,7 @@ def test_units_are_sentences_list_items_and_table_rows_with_their_header() -> No
     assert "The half-life is about 18 hours, e.g. in adults." in texts  # "e.g." does not split
     assert {"First item.", "Second sentence.", "Numbered item"} <= set(texts)
     assert not any(t.startswith("|---") for t in texts)
+    assert [u for u, _ in split_units("# Cardivexin — drug monograph\nStarting dose: 10 mg.")] == ["Starting dose: 10 mg."]
 
 
 def test_a_question_number_inside_a_unit_range_ranks_that_row_first() -> None:
@@ -100,6 +101,12 @@ def test_quotes_are_verified_snapped_or_removed_and_unsupported_sentences_go() -
     moved = check_answer('"Cardivexin is given once daily." [2]', {1: TABLE, 2: "Other text."})
     assert [(q.n, q.text) for q in moved.quotes] == [(1, "Cardivexin is given once daily.")]
     assert check_answer('"Glucarnil is given weekly." [2]', {1: TABLE, 2: "Other text."}).quotes == []
+    # Padding goes: the question echoed back, and a sentence a shown quote already says.
+    padded = check_answer('"The half-life is about 18 hours, e.g. in adults." [1]\n\nHow long is the half-life '
+                          'of Cardivexin? The half-life is about 18 hours in adults [1]. Take it in the morning.',
+                          {1: TABLE}, "How long is the half-life of Cardivexin?")
+    assert padded.body == "Take it in the morning."
+    assert "How long is the half-life of Cardivexin?" in padded.removed
 
 
 def test_the_training_target_quotes_what_states_the_reference_and_reads_back() -> None:
