@@ -152,6 +152,10 @@ class EvidenceSettings(_Section):
     enabled: bool = Field(True, description="narrow the chunks to their best units; false = whole chunks")
     prompt_units: int = Field(4, ge=1, le=20, description="units the model reads, under their chunk's [n]")
     units: int = Field(2, ge=1, le=10, description="units highlighted as the evidence of an answer")
+    quote_first: Literal["adapted", "all", "off"] = Field(
+        "adapted", description="who gets the best units written as the answer's opening quotes, to "
+        "go on from: the adapter (trained on that format), every retrieving mode, or nobody")
+    quote_units: int = Field(2, ge=1, le=5, description="units the answer opens with, when quote_first applies")
     lexical_weight: float = Field(0.4, ge=0.0, description="weight of the question's rare words a unit contains")
     range_weight: float = Field(0.2, ge=0.0, description="weight of a question number inside a unit's range")
     rank_weight: float = Field(0.1, ge=0.0, description="weight of the chunk's retrieval rank (1/rank)")

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +250,17 @@ class LlamaCppBackend(GenerationBackend):
             instance=self.instance(adapted), max_tokens=max_new_tokens, temperature=llm.temperature,
             repeat_penalty=llm.repetition_penalty,
         )
+
+    def stream_continuation(
+        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str]:
+        # The begun answer's tokens follow the generation prompt, as if the model had written them.
+        model = self.chat_model(adapted, max_new_tokens)
+        assert isinstance(model, LlamaCppChat)
+        instance = model.instance
+        tokens = instance.prompt_tokens(messages) + instance.text_tokens(prefix)
+        yield from instance.stream(tokens, **model._sampling(list(stop)))
 
     def count_prompt_tokens(self, messages: Messages) -> int:
         return len(self.instance(False).prompt_tokens(messages))

@@ -120,3 +120,30 @@ def test_history_is_trimmed_to_the_context_budget(runtime) -> None:
     assert used <= chain.settings.llm.context_window - chain.settings.llm.max_new_tokens
     assert messages[-1]["content"] == "What is AKI?"
     assert "question 29" in messages[-3]["content"] and "question 0 " not in str(messages)  # newest kept
+
+
+def test_quote_first_opens_with_the_best_evidence_and_the_model_goes_on(runtime) -> None:
+    """retrieval.evidence.quote_first: the chain writes the best units as the answer's verified
+    opening quotes and the model continues in one paragraph (here for rag, which the default
+    leaves to the model: 'adapted' applies it to the adapter's modes only)."""
+    from chatbot.chain import ConversationalRagChain
+
+    s = runtime.settings
+    evidence = s.retrieval.evidence.model_copy(update={"quote_first": "all", "quote_units": 2})
+    settings = s.model_copy(update={"retrieval": s.retrieval.model_copy(update={"evidence": evidence})})
+    chain = runtime.chain
+    quoting = ConversationalRagChain(settings, chain.retriever, chain.models, chain.memory, chain.evidence)
+    events = list(quoting.stream("What is the starting dose of Cardivexin?", owner="t9", mode="rag"))
+    answer = events[-1].answer
+    assert answer is not None and not answer.refused
+    best = answer.evidence[:2]
+    opening = "\n".join(f'"{u.text}" [{u.n}]' for u in best)
+    assert events[0].text.startswith(opening)  # shown at once, before the model's first token
+    assert [(q.n, q.text) for q in answer.quotes][:2] == [(u.n, u.text) for u in best]
+    assert all(q.verified for q in answer.quotes)
+    body = answer.text[len(opening):].strip()
+    assert "\n" not in body  # one paragraph: the continuation stops at its first line break
+    assert "10 mg" in answer.text
+    # The default leaves rag's answer to the model: no opening is written for it.
+    plain = list(chain.stream("What is the starting dose of Cardivexin?", owner="t9", mode="rag"))
+    assert len(plain[0].text) < len(opening)  # the model's first token, not a written opening
