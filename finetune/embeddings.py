@@ -308,6 +308,7 @@ def train_embedder(
             # core.embeddings.load_tuned_embedder puts the LoRA on the configured embedding.model.
             adapter.peft_config["default"].base_model_name_or_path = embedder.info.name
             adapter.save_pretrained(str(staging))  # adapter_config.json + adapter_model.safetensors only
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
             write_json(staging / TUNED_RECORD, {"base_embedder": embedder.info.name, "lora_rank": options.lora_rank,
                                                 "lora_targets": options.lora_targets})
         else:
