@@ -108,9 +108,10 @@ def resolve_tuned_embedder(settings: Settings) -> Path | None:
 
 def tuned_embedder_name(base: str, folder: Path) -> str:
     """The tuned vectors' identity in the collection's record: the base model and the adapter's
-    weights digest, so that a retrained adapter is noticed (its vectors are stale), not mixed in."""
+    weights digest, so that a retrained adapter is noticed (its vectors are stale), not mixed in.
+    Not the folder: the same weights copied elsewhere make the same vectors."""
     digest = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
-    return f"{base}+lora:{folder.name}@{digest}"
+    return f"{base}+lora@{digest}"
 
 
 def load_tuned_embedder(settings: Settings, base: Embedder | None = None) -> Embedder | None:

@@ -119,8 +119,8 @@ def tuned_retriever(store: Store, embedder: "Embedder", tuned: "Embedder | None"
     state = store.vector_state(name, tuned.info)
     if state != "ready":
         why = {"missing": "has no", "stale": "has another adapter's", "incomplete": "has an incomplete"}[state]
-        log.warning("the collection %r %s %r vector for %s: hybrid searches 'dense' instead. Add it with: "
-                    "python -m ingest tuned-vector", store.name, why, name, tuned.info.name)
+        log.warning("the collection %r %s %r vector (retrieval.tuned_embedder is %s): hybrid searches 'dense' "
+                    "instead. Add it with: python -m ingest tuned-vector", store.name, why, name, tuned.info.name)
         return None
     return Retriever(store, tuned, settings.retrieval.model_copy(update={"vector": name}), scorer=embedder)
 
