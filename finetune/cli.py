@@ -26,6 +26,9 @@ Examples:
   # an embedder that knows "MI" means "myocardial infarction"
   python -m finetune embeddings --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-abbrev
   RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed
+  # or as a LoRA that only hybrid mode searches (a second named vector; -> data/adapters/demo-embedder/)
+  python -m finetune embeddings --lora --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-embedder --learning-rate 5e-4
+  python -m ingest tuned-vector
 """
 
 from __future__ import annotations
