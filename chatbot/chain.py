@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -81,10 +81,13 @@ def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
 class ConversationalRagChain:
     def __init__(
         self, settings: Settings, retriever: Retriever, models: GenerationBackend, memory: ChatMemory,
-        evidence: EvidenceSelector | None = None,
+        evidence: EvidenceSelector | None = None, retrievers: Mapping[str, Retriever] | None = None,
     ):
         self.settings = settings
-        self.retriever = retriever
+        self.retriever = retriever  # the base embedder's ("dense"): rag's, and the default
+        # mode -> its retriever (core.retrieval.mode_retrievers decides: hybrid's searches the tuned
+        # embedder's vector); a mode not in it uses ``retriever``.
+        self.retrievers = dict(retrievers or {})
         self.evidence = evidence  # None: the model reads whole chunks
         self.models = models
         self.memory = memory
@@ -128,7 +131,7 @@ class ConversationalRagChain:
             answer.refused, answer.text = "no adapter configured", NO_ADAPTER.format(mode=mode)
         elif mode in RETRIEVING_MODES:
             t0 = time.perf_counter()
-            answer.query, answer.sources = self.retrieve_for(text, history, readable_scopes(owner))
+            answer.query, answer.sources = self.retrieve_for(text, history, readable_scopes(owner), mode=mode)
             answer.timings["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if not answer.sources:
                 # Nothing relevant was found: say so rather than let the model answer from nothing.
@@ -268,25 +271,30 @@ class ConversationalRagChain:
         for source in answer.sources:
             source.evidence = list(dict.fromkeys(text for n, text in highlighted if n == source.n))
 
+    def retriever_for(self, mode: str) -> Retriever:
+        """The retriever ``mode`` searches with (rag's for a mode without its own)."""
+        return self.retrievers.get(mode, self.retriever)
+
     def retrieve_for(self, question: str, history: list[tuple[str, str]],
-                     scopes: list[str] | None = None) -> tuple[str, list[Source]]:
-        """The standalone query and its sources, newer documents before the ones they supersede
-        (core.retrieval.prefer_newer): what the chat, the extractive baseline and calibration read."""
-        query, sources = self._search_for(question, history, scopes)
+                     scopes: list[str] | None = None, *, mode: str = "rag") -> tuple[str, list[Source]]:
+        """The standalone query and its sources under ``mode``'s retriever, newer documents before
+        the ones they supersede (core.retrieval.prefer_newer): what the chat, the extractive
+        baseline and calibration read."""
+        query, sources = self._search_for(question, history, scopes, self.retriever_for(mode))
         return query, prefer_newer(sources)
 
     def _search_for(self, question: str, history: list[tuple[str, str]],
-                    scopes: list[str] | None = None) -> tuple[str, list[Source]]:
+                    scopes: list[str] | None, retriever: Retriever) -> tuple[str, list[Source]]:
         """The retrieval query for a follow-up, made understandable without the conversation, and
         what it finds. 'concat' tries the question alone and with earlier questions in front."""
         condense = self.settings.chat.condense
         if not history or condense == "off":
-            return question, self.retriever.retrieve(question, scopes)
+            return question, retriever.retrieve(question, scopes)
         if condense == "concat":
             found: dict[str, list[Source]] = {}
 
             def top_score(query: str) -> float | None:
-                found[query] = self.retriever.retrieve(query, scopes)
+                found[query] = retriever.retrieve(query, scopes)
                 return found[query][0].score if found[query] else None
 
             query = best_query(followup_queries(question, history, self.settings.chat.condense_turns), top_score)
@@ -296,7 +304,7 @@ class ConversationalRagChain:
             rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
         query = rewritten or followup_queries(question, history, 1)[-1]
-        return query, self.retriever.retrieve(query, scopes)
+        return query, retriever.retrieve(query, scopes)
 
     def _fit(
         self, question: str, chunks: list[ContextChunk] | None, history: list[tuple[str, str]], answer: Answer,

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from core.embeddings import Embedder, load_embedder
+from core.embeddings import Embedder, load_embedder, load_tuned_embedder
 from core.evidence import EvidenceSelector
 from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
 from core.store import Store, open_store
 from chatbot.chain import ConversationalRagChain
-from core.retrieval import Retriever
+from core.retrieval import Retriever, mode_retrievers
 from chatbot.identity import Identities
 from chatbot.limits import QuestionLimiter
 from chatbot.memory import ChatMemory
@@ -31,6 +31,7 @@ class Runtime:
     settings: Settings
     store: Store
     embedder: Embedder
+    tuned_embedder: Embedder | None  # retrieval.tuned_embedder: hybrid's retrieval, a second vector per chunk
     indexer: Indexer
     memory: ChatMemory
     chain: ConversationalRagChain
@@ -54,10 +55,12 @@ def build_runtime(
     store: Store | None = None,
     embedder: Embedder | None = None,
     generation: GenerationBackend | None = None,
+    tuned_embedder: Embedder | None = None,
 ) -> Runtime:
     """Build what is not passed in. ``generation``: a backend to share (tests, benchmarks); it
     must have been built from these settings' ``llm`` section. ``store``: an open store to use
-    (the caller closes it)."""
+    (the caller closes it). ``tuned_embedder``: retrieval.tuned_embedder already loaded (loaded
+    here when that setting is set and none is passed)."""
     owns_generation = generation is None
     # Loads no weights yet (the app answers /healthz while they load), but a missing GGUF or
     # adapter fails here, at start-up, not at the first question.
@@ -66,12 +69,20 @@ def build_runtime(
     store = store or open_store(settings)
     embedder = embedder or load_embedder(settings.embedding)
     store.ensure(embedder.info)  # creates it empty, or fails fast on an embedder mismatch
+    if tuned_embedder is None and settings.retrieval.tuned_embedder:
+        tuned_embedder = load_tuned_embedder(settings, embedder)
+    indexer = build_indexer(settings, store, embedder, tuned_embedder)
+    # An empty collection gets the tuned vector now, so that the first ingest (the demo corpus)
+    # writes both; a stored one without it is ingest's to fill (hybrid searches "dense" till then).
+    indexer.prepare_tuned_vector(fill=False)
     memory = ChatMemory(settings.history_db)
     evidence = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
-    chain = ConversationalRagChain(settings, Retriever(store, embedder, settings), generation, memory, evidence)
-    indexer = build_indexer(settings, store, embedder)
+    chain = ConversationalRagChain(
+        settings, Retriever(store, embedder, settings), generation, memory, evidence,
+        retrievers=mode_retrievers(store, embedder, tuned_embedder, settings),
+    )
     return Runtime(
-        settings=settings, store=store, embedder=embedder,
+        settings=settings, store=store, embedder=embedder, tuned_embedder=tuned_embedder,
         indexer=indexer, memory=memory, chain=chain,
         identities=Identities.from_file(settings.secret_file), limiter=QuestionLimiter(settings.limits),
         uploads=UploadService(settings, indexer),

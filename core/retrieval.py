@@ -9,16 +9,20 @@ always reads the chunk's dense cosine, whatever ranked it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from core.prompts import ContextChunk
 from core.settings import RetrievalSettings, Settings
-from core.store import CONTENT_KEY, METADATA_KEY, Hit, SearchFilter, Store
+from core.modes import RETRIEVING_MODES, TUNED_RETRIEVAL_MODES, Mode
+from core.store import CONTENT_KEY, DENSE, METADATA_KEY, Hit, SearchFilter, Store
 
 if TYPE_CHECKING:
     from core.embeddings import Embedder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,16 +54,23 @@ def source_of(hit: Hit, n: int) -> Source:
 
 
 class Retriever:
-    """Search through the store interface, with k / method / MMR / score threshold from settings."""
+    """Search through the store interface, with k / method / MMR / score threshold from settings.
 
-    def __init__(self, store: Store, embedder: "Embedder", settings: Settings | RetrievalSettings):
+    ``scorer``: the base embedder, when ``embedder`` is the tuned one and ``retrieval.vector`` its
+    named vector: the tuned vectors rank the chunks, and each hit is still scored by the base
+    embedder's cosine on ``dense``, the scale retrieval.score_threshold and the decline model were
+    fitted on."""
+
+    def __init__(self, store: Store, embedder: "Embedder", settings: Settings | RetrievalSettings,
+                 scorer: "Embedder | None" = None):
         self.store = store
         self.embedder = embedder
         self.settings = settings.retrieval if isinstance(settings, Settings) else settings
+        self.scorer = scorer
 
     def with_settings(self, **changes: object) -> "Retriever":
-        """The same store and embedder with some retrieval settings changed (evals: a wider k)."""
-        return Retriever(self.store, self.embedder, self.settings.model_copy(update=changes))
+        """The same store and embedders with some retrieval settings changed (evals: a wider k)."""
+        return Retriever(self.store, self.embedder, self.settings.model_copy(update=changes), self.scorer)
 
     def embed(self, queries: Sequence[str]) -> list[list[float]]:
         # embed_documents batches; HuggingFaceEmbeddings encodes queries with the same options.
@@ -82,9 +93,10 @@ class Retriever:
         # More than k when BM25 ranks: a word match whose cosine fails the threshold must leave
         # room for the next chunk, not shorten the list.
         limit = max(s.fetch_k, k) if mmr else (k if s.method == "dense" else max(s.candidates, k))
+        score_by = (DENSE, self.scorer.embeddings.embed_query(query)) if self.scorer is not None else None
         found = self.store.search(
             vector, query, limit, mode=s.method, where=where, using=s.vector,
-            candidates=s.candidates, hnsw_ef=s.hnsw_ef, with_vectors=mmr,
+            candidates=s.candidates, hnsw_ef=s.hnsw_ef, with_vectors=mmr, score_by=score_by,
         )
         if mmr and found:
             from langchain_core.vectorstores.utils import maximal_marginal_relevance
@@ -95,6 +107,32 @@ class Retriever:
         if threshold and s.score_threshold is not None:
             found = [h for h in found if h.score >= s.score_threshold]
         return found[:k]
+
+
+def tuned_retriever(store: Store, embedder: "Embedder", tuned: "Embedder | None",
+                    settings: Settings) -> Retriever | None:
+    """The retriever on the tuned embedder's vector, or None (with a warning saying what to run)
+    when none is configured or the collection's tuned vector is missing, stale or incomplete."""
+    if tuned is None:
+        return None
+    name = settings.retrieval.tuned_vector
+    state = store.vector_state(name, tuned.info)
+    if state != "ready":
+        why = {"missing": "has no", "stale": "has another adapter's", "incomplete": "has an incomplete"}[state]
+        log.warning("the collection %r %s %r vector (retrieval.tuned_embedder is %s): hybrid searches 'dense' "
+                    "instead. Add it with: python -m ingest tuned-vector", store.name, why, name, tuned.info.name)
+        return None
+    return Retriever(store, tuned, settings.retrieval.model_copy(update={"vector": name}), scorer=embedder)
+
+
+def mode_retrievers(store: Store, embedder: "Embedder", tuned: "Embedder | None",
+                    settings: Settings) -> dict[Mode, Retriever]:
+    """Which retriever each retrieving mode uses: the one place that decides it. The modes of
+    core.modes.TUNED_RETRIEVAL_MODES search the tuned vector when it is ready, the others "dense"."""
+    base = Retriever(store, embedder, settings)
+    tuned_one = tuned_retriever(store, embedder, tuned, settings)
+    return {mode: (tuned_one if tuned_one is not None and mode in TUNED_RETRIEVAL_MODES else base)
+            for mode in sorted(RETRIEVING_MODES)}
 
 
 def prefer_newer(sources: list[Source]) -> list[Source]:

@@ -191,7 +191,21 @@ class RetrievalSettings(_Section):
     candidates: int = Field(20, ge=1, le=1000, description="fused: chunks each side (dense, BM25) offers the fusion")
     vector: str = Field("dense", pattern=r"^[A-Za-z0-9_\-]{1,64}$",
                         description="the named dense vector searched ('dense': embedding.model's)")
+    tuned_embedder: str | None = Field(
+        None, description="a LoRA of embedding.model (python -m finetune embeddings --lora): a folder, or a name "
+        "under <data_dir>/adapters. Set: ingest writes its vectors as tuned_vector beside 'dense', and the "
+        "modes in core.modes.TUNED_RETRIEVAL_MODES (hybrid) search them; null: every mode searches 'dense'",
+    )
+    tuned_vector: str = Field("dense_tuned", pattern=r"^[A-Za-z0-9_\-]{1,64}$",
+                              description="the named vector the tuned embedder's vectors are stored as")
     hnsw_ef: int | None = Field(256, ge=1, description="HNSW search breadth (higher: closer to exact search, slower)")
+
+    @model_validator(mode="after")
+    def _tuned_vector_apart(self) -> "RetrievalSettings":
+        if self.tuned_vector in ("dense", "bm25"):
+            raise ValueError(f"retrieval.tuned_vector={self.tuned_vector!r} is the base embedder's or BM25's name; "
+                             "choose another (default dense_tuned)")
+        return self
 
 
 class ChatSettings(_Section):

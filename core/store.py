@@ -6,8 +6,9 @@
 
 Both store the same points: the same ids, the same payload (``page_content`` + ``metadata``,
 with ``metadata.scope`` saying who may read the chunk) and the same vector names: the dense
-embedding as ``dense`` (room for more named dense vectors, e.g. ``dense_tuned`` for a fine-tuned
-embedder) and a BM25 sparse vector as ``bm25``. BM25 vectors are computed here, by Qdrant
+embedding as ``dense``, optionally a fine-tuned embedder's as a second named dense vector
+(``retrieval.tuned_vector``, default ``dense_tuned``; its own record says which embedder made it
+and whether every point has it) and a BM25 sparse vector as ``bm25``. BM25 vectors are computed here, by Qdrant
 Edge's built-in ``Bm25`` for both backends, so documents and queries are tokenised the same way
 whichever engine holds them; the engine applies the IDF (``Modifier.IDF``).
 
@@ -93,13 +94,33 @@ class SearchFilter:
 
 
 @dataclass
+class RecordedVector:
+    """A second named dense vector's record: the embedder that made it, and whether every point
+    has it from that embedder (false while it is being filled, or after points were written
+    without it): only a complete vector is searched."""
+
+    embedder: str
+    dimension: int
+    complete: bool
+
+
+@dataclass
 class RecordedEmbedder:
     embedder: str
     dimension: int
     schema: int
+    vectors: dict[str, RecordedVector] = field(default_factory=dict)  # named vectors beside dense
 
     def info(self) -> EmbedderInfo:
         return EmbedderInfo(name=self.embedder, dimension=self.dimension, max_tokens=0)
+
+
+def parse_record(data: dict[str, Any], default_schema: int | None = None) -> RecordedEmbedder:
+    """The stored record (a JSON file on Edge, collection metadata on the server) as read back."""
+    vectors = {str(name): RecordedVector(str(v["embedder"]), int(v["dimension"]), bool(v["complete"]))
+               for name, v in (data.get("vectors") or {}).items()}
+    schema = data["schema"] if default_schema is None else data.get("schema", default_schema)
+    return RecordedEmbedder(str(data["embedder"]), int(data["dimension"]), int(schema), vectors)
 
 
 def record_of(info: EmbedderInfo) -> dict[str, Any]:
@@ -146,6 +167,10 @@ class Store(ABC):
     def recorded(self, physical: str) -> RecordedEmbedder | None: ...
 
     @abstractmethod
+    def _write_vector_record(self, physical: str, name: str, record: RecordedVector) -> None:
+        """Store ``record`` under ``vectors.<name>`` of the generation's embedder record."""
+
+    @abstractmethod
     def _create(self, physical: str, info: EmbedderInfo) -> None:
         """Create an empty generation with the vectors, payload indexes and embedder record."""
 
@@ -185,10 +210,13 @@ class Store(ABC):
     @abstractmethod
     def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
                where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
-               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False,
+               score_by: tuple[str, list[float]] | None = None) -> list[Hit]:
         """Top ``k`` ranked by ``mode``: 'dense' (``vector`` on the named vector ``using``),
         'sparse' (BM25 on ``text``) or 'fused' (both, each side prefetching ``candidates``,
-        merged by RRF). Each hit's score is its dense cosine with ``vector`` whatever ranked it.
+        merged by RRF). Each hit's score is its dense cosine with ``vector`` whatever ranked it,
+        or with ``score_by``'s (vector name, query vector) when given: a search that ranks by the
+        tuned vector still scores by the base one, which the threshold and decline were fitted on.
         ``exact``: search the dense vectors without the HNSW index (the benchmark's ground truth)."""
 
     def optimize(self) -> None:
@@ -230,6 +258,24 @@ class Store(ABC):
                 f"collection {self.name!r} was written by an older ragtune (no BM25 vectors or scopes). "
                 "Move it: python -m ingest migrate (nothing is dropped), or rebuild: python -m ingest PATH... --reembed"
             )
+
+    def recorded_vector(self, name: str, physical: str | None = None) -> RecordedVector | None:
+        physical = physical or self.physical_name()
+        record = self.recorded(physical) if physical else None
+        return record.vectors.get(name) if record else None
+
+    def record_vector(self, physical: str, name: str, record: RecordedVector) -> None:
+        self._write_vector_record(physical, name, record)
+
+    def vector_state(self, name: str, info: EmbedderInfo) -> str:
+        """'ready' (every point has ``name`` from ``info``'s embedder), 'missing' (no such vector),
+        'stale' (made by another embedder: a retrained adapter) or 'incomplete' (points without it)."""
+        recorded = self.recorded_vector(name)
+        if recorded is None:
+            return "missing"
+        if (recorded.embedder, recorded.dimension) != (info.name, info.dimension):
+            return "stale"
+        return "ready" if recorded.complete else "incomplete"
 
     def ensure(self, info: EmbedderInfo) -> str:
         """Open the collection for ``info``'s vectors, creating it on first use."""

@@ -23,13 +23,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.embeddings import EmbedderInfo
 from core.store import (
-    DENSE, INDEXED_FIELDS, METADATA_KEY, SCOPE_KEY, SPARSE, Hit, RecordedEmbedder, SearchFilter, Store,
-    StoreError, StorePoint, StoredRecord, cosine, ranked, record_of,
+    DENSE, INDEXED_FIELDS, METADATA_KEY, SCOPE_KEY, SPARSE, Hit, RecordedEmbedder, RecordedVector, SearchFilter,
+    Store, StoreError, StorePoint, StoredRecord, cosine, parse_record, ranked, record_of,
 )
 
 if TYPE_CHECKING:
@@ -106,10 +107,15 @@ class EdgeStore(Store):
         if not file.is_file():
             return None
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-            return RecordedEmbedder(str(data["embedder"]), int(data["dimension"]), int(data["schema"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            return parse_record(json.loads(file.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{file}: unreadable embedder record ({exc}); rebuild with --reembed") from exc
+
+    def _write_vector_record(self, physical: str, name: str, record: RecordedVector) -> None:
+        file = self.folder / f"{physical}.json"
+        data = json.loads(file.read_text(encoding="utf-8"))
+        data.setdefault("vectors", {})[name] = asdict(record)
+        _write_atomically(file, json.dumps(data))
 
     def _create(self, physical: str, info: EmbedderInfo) -> None:
         from qdrant_edge import (
@@ -219,7 +225,8 @@ class EdgeStore(Store):
 
     def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
                where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
-               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False,
+               score_by: tuple[str, list[float]] | None = None) -> list[Hit]:
         from qdrant_edge import Fusion, Prefetch, Query, QueryRequest, SearchParams
 
         shard = self._current()
@@ -228,15 +235,17 @@ class EdgeStore(Store):
         params = SearchParams(hnsw_ef=hnsw_ef, exact=exact) if hnsw_ef or exact else None
         query_filter = _filter(where)
         dense = Query.Nearest(vector, using=using)
+        score_name, score_vector = score_by or (using, vector)
+        read = list(dict.fromkeys([using, score_name]))
         if mode == "dense" or not text:
             request = QueryRequest(limit=k, query=dense, filter=query_filter, params=params,
-                                   with_payload=True, with_vector=[using])
+                                   with_payload=True, with_vector=read)
         elif mode == "sparse":
             request = QueryRequest(limit=k, query=Query.Nearest(self.bm25.embed_query(text), using=SPARSE),
-                                   filter=query_filter, with_payload=True, with_vector=[using])
+                                   filter=query_filter, with_payload=True, with_vector=read)
         else:
             request = QueryRequest(
-                limit=k, query=Fusion.Rrf(k=RRF_K), filter=query_filter, with_payload=True, with_vector=[using],
+                limit=k, query=Fusion.Rrf(k=RRF_K), filter=query_filter, with_payload=True, with_vector=read,
                 prefetches=[
                     Prefetch(limit=max(candidates, k), query=dense, params=params, filter=query_filter),
                     Prefetch(limit=max(candidates, k), query=Query.Nearest(self.bm25.embed_query(text), using=SPARSE),
@@ -246,7 +255,10 @@ class EdgeStore(Store):
         hits = []
         for point in shard.query(request):
             stored = list((point.vector or {}).get(using) or [])
-            score = point.score if mode == "dense" or not text else cosine(vector, stored)
+            if (mode == "dense" or not text) and score_name == using:
+                score = point.score
+            else:
+                score = cosine(score_vector, list((point.vector or {}).get(score_name) or []))
             hits.append((round(point.score, 6), Hit(str(point.id), float(score), point.payload or {},
                                                     stored if with_vectors else None)))
         return ranked(hits)

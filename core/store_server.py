@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from core.embeddings import EmbedderInfo
 from core.settings import Settings
 from core.store import (
-    DENSE, INDEXED_FIELDS, METADATA_KEY, RECORD_KEY, SCOPE_KEY, SPARSE, Hit, RecordedEmbedder, SearchFilter,
-    Store, StoreError, StorePoint, StoredRecord, cosine, ranked, record_of,
+    DENSE, INDEXED_FIELDS, METADATA_KEY, RECORD_KEY, SCOPE_KEY, SPARSE, Hit, RecordedEmbedder, RecordedVector,
+    SearchFilter, Store, StoreError, StorePoint, StoredRecord, cosine, parse_record, ranked, record_of,
 )
 from core.store_edge import RRF_K
 
@@ -64,7 +65,12 @@ class ServerStore(Store):
         record = (self.client.get_collection(physical).config.metadata or {}).get(RECORD_KEY)
         if not record:
             return None
-        return RecordedEmbedder(str(record["embedder"]), int(record["dimension"]), int(record.get("schema", 1)))
+        return parse_record(record, default_schema=1)
+
+    def _write_vector_record(self, physical: str, name: str, record: RecordedVector) -> None:
+        current = dict((self.client.get_collection(physical).config.metadata or {}).get(RECORD_KEY) or {})
+        current["vectors"] = {**(current.get("vectors") or {}), name: asdict(record)}
+        self.client.update_collection(physical, metadata={RECORD_KEY: current})
 
     def _create(self, physical: str, info: EmbedderInfo) -> None:
         from qdrant_client import models
@@ -157,24 +163,27 @@ class ServerStore(Store):
 
     def search(self, vector: list[float], text: str | None, k: int, *, mode: str = "dense",
                where: SearchFilter | None = None, using: str = DENSE, candidates: int = 20,
-               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False) -> list[Hit]:
+               hnsw_ef: int | None = None, with_vectors: bool = False, exact: bool = False,
+               score_by: tuple[str, list[float]] | None = None) -> list[Hit]:
         from qdrant_client import models
 
         if not self.exists():
             return []
+        score_name, score_vector = score_by or (using, vector)
+        read = list(dict.fromkeys([using, score_name]))
         params = models.SearchParams(hnsw_ef=hnsw_ef, exact=exact) if hnsw_ef or exact else None
         query_filter = _filter(where)
         if mode == "dense" or not text:
             response = self.client.query_points(self.name, query=vector, using=using, query_filter=query_filter,
                                                 search_params=params, limit=k, with_payload=True,
-                                                with_vectors=[using])
+                                                with_vectors=read)
         else:
             sparse = self.bm25.embed_query(text)
             sparse_query = models.SparseVector(indices=sparse.indices, values=sparse.values)
             if mode == "sparse":
                 response = self.client.query_points(self.name, query=sparse_query, using=SPARSE,
                                                     query_filter=query_filter, limit=k, with_payload=True,
-                                                    with_vectors=[using])
+                                                    with_vectors=read)
             else:
                 response = self.client.query_points(
                     self.name, limit=k, query=models.RrfQuery(rrf=models.Rrf(k=RRF_K)), query_filter=query_filter,
@@ -184,12 +193,16 @@ class ServerStore(Store):
                         models.Prefetch(query=sparse_query, using=SPARSE, limit=max(candidates, k),
                                         filter=query_filter),
                     ],
-                    with_payload=True, with_vectors=[using],
+                    with_payload=True, with_vectors=read,
                 )
         hits = []
         for point in response.points:
-            stored = list((point.vector or {}).get(using) or []) if isinstance(point.vector, dict) else []
-            score = point.score if mode == "dense" or not text else cosine(vector, stored)
+            vectors = point.vector if isinstance(point.vector, dict) else {}
+            stored = list(vectors.get(using) or [])
+            if (mode == "dense" or not text) and score_name == using:
+                score = point.score
+            else:
+                score = cosine(score_vector, list(vectors.get(score_name) or []))
             hits.append((round(point.score, 6), Hit(str(point.id), float(score), point.payload or {},
                                                     stored if with_vectors else None)))
         return ranked(hits)

@@ -167,6 +167,9 @@ def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", 
         "generation": backend,  # threads, batch size...: recorded, not compared
         "adapter": _adapter_description(backend.get("adapter")),
         "embedder": runtime.embedder.info.name,
+        # What each retrieving mode searched: hybrid the tuned embedder's vector when it was ready.
+        "mode_vectors": {mode: {"vector": r.settings.vector, "embedder": r.embedder.info.name}
+                         for mode, r in runtime.chain.retrievers.items()},
         "collection": {"name": settings.qdrant.collection, "points": runtime.store.count()},
         "retrieval": settings.retrieval.model_dump() | {"recall_k": max(RECALL_AT)},
         "condense": settings.chat.condense,
@@ -176,7 +179,7 @@ def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", 
 
 
 # What must not change between a run and its --resume (modes, limit and selection may).
-_RESUME_KEYS = ("question_set.sha256", "seed", "llm", "adapter", "embedder", "collection.name", "retrieval",
+_RESUME_KEYS = ("question_set.sha256", "seed", "llm", "adapter", "embedder", "mode_vectors", "collection.name", "retrieval",
                 "condense", "condense_turns", "attribute_citations")
 
 

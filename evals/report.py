@@ -156,7 +156,10 @@ def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, 
         f"- adapter: {adapter.get('path') or 'none'}"
         + (f" (fingerprint sha256 `{adapter['fingerprint']}`)" if adapter.get("fingerprint") else ""),
         f"- embedder: {config['embedder']}; collection `{config['collection']['name']}` "
-        f"({config['collection']['points']} chunks)",
+        f"({config['collection']['points']} chunks)"
+        # Runs recorded before the tuned embedder have no mode_vectors: every mode searched dense.
+        + "".join(f"; {mode} searches `{v['vector']}` ({v['embedder']})"
+                  for mode, v in sorted((config.get("mode_vectors") or {}).items()) if v["vector"] != "dense"),
         f"- retrieval: k={retrieval['k']} for the answer, k={retrieval['recall_k']} for recall@k/MRR, "
         f"search={retrieval['search']}, score_threshold={retrieval['score_threshold']}; "
         f"follow-ups condensed by `{config['condense']}`"

@@ -5,10 +5,15 @@ Examples:
   python -m evals.retrieval --qa data/demo/qa/test.jsonl
   python -m evals.retrieval --qa data/demo/qa/validation.jsonl --qa data/demo/qa/test.jsonl --json
   python -m evals.retrieval --qa data/demo/qa/test.jsonl --set retrieval.candidates=40
+  python -m ingest tuned-vector && python -m evals.retrieval --qa data/demo/qa/test.jsonl  # + dense_tuned, fused_tuned
+  python -m evals.retrieval --qa data/demo/qa/test.jsonl --set retrieval.tuned_embedder=null  # base rows only
 
 Each method is the chat's own Retriever (core.retrieval) with only retrieval.method changed
 and k = 10: 'dense' (all-MiniLM-L6-v2 cosine), 'sparse' (BM25 on the chunk text) and 'fused'
-(both, reciprocal rank fusion over retrieval.candidates from each). A follow-up is searched as
+(both, reciprocal rank fusion over retrieval.candidates from each): what rag searches. With
+retrieval.tuned_embedder set (settings.yaml: the committed demo-embedder LoRA) and its vector
+in the collection (python -m ingest tuned-vector), two more: 'dense_tuned' and 'fused_tuned',
+the same on the tuned embedder's vector, hybrid's retriever (core.retrieval.mode_retrievers). A follow-up is searched as
 the chat searches it (chat.condense=concat: the question alone or with earlier questions in
 front, whichever query's closest chunk scores highest, under that method). Rows: recall@1/@5/@10
 of the gold document and MRR, per question type and overall; unanswerable questions have no
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.hub import ModelUnavailableError
 from core.logs import setup_logging
 from core.prompts import best_query, followup_queries
 from core.cli import add_settings_options, cli_settings
@@ -35,6 +41,7 @@ from evals.metrics import RECALL_AT, gold_rank, hit_at, reciprocal_rank
 from evals.questions import EvalQuestion, load_questions
 
 METHODS = ("dense", "sparse", "fused")
+TUNED_METHODS = ("dense_tuned", "fused_tuned")  # hybrid's vector: the tuned embedder's
 
 
 def histories(questions: Sequence[EvalQuestion]) -> dict[str, list[tuple[str, str]]]:
@@ -52,8 +59,8 @@ def histories(questions: Sequence[EvalQuestion]) -> dict[str, list[tuple[str, st
 
 
 def compare(settings: Settings, questions: Sequence[EvalQuestion]) -> list[dict[str, Any]]:
-    from core.embeddings import load_embedder
-    from core.retrieval import Retriever
+    from core.embeddings import load_embedder, load_tuned_embedder
+    from core.retrieval import Retriever, tuned_retriever
     from core.store import open_store
 
     store = open_store(settings)
@@ -66,8 +73,13 @@ def compare(settings: Settings, questions: Sequence[EvalQuestion]) -> list[dict[
         answerable = [q for q in questions if q.gold and not q.unanswerable]
         earlier = histories(questions)
         rows: list[dict[str, Any]] = []
-        for method in METHODS:
-            retriever = Retriever(store, embedder, settings).with_settings(method=method, k=max(RECALL_AT))
+        base = Retriever(store, embedder, settings)
+        retrievers = {method: base.with_settings(method=method, k=max(RECALL_AT)) for method in METHODS}
+        tuned = tuned_retriever(store, embedder, load_tuned_embedder(settings, embedder), settings)
+        if tuned is not None:
+            retrievers |= {f"{method}_tuned": tuned.with_settings(method=method, k=max(RECALL_AT))
+                           for method in ("dense", "fused")}
+        for method, retriever in retrievers.items():
             found: dict[str, list[Any]] = {}
 
             def search(query: str) -> list[Any]:
@@ -99,18 +111,19 @@ def compare(settings: Settings, questions: Sequence[EvalQuestion]) -> list[dict[
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    methods = [m for m in (*METHODS, *TUNED_METHODS) if any(r["method"] == m for r in rows)]
     kinds = sorted({r["type"] for r in rows}, key=lambda t: (t == "all", t))
-    lines = ["| question type | n | metric | " + " | ".join(METHODS) + " |", "|---|---:|---|" + "---:|" * len(METHODS)]
+    lines = ["| question type | n | metric | " + " | ".join(methods) + " |", "|---|---:|---|" + "---:|" * len(methods)]
     cell = {(r["type"], r["method"]): r for r in rows}
     for kind in kinds:
-        n = cell[(kind, METHODS[0])]["n"]
+        n = cell[(kind, methods[0])]["n"]
         for metric in [f"recall@{k}" for k in RECALL_AT] + ["mrr"]:
-            values = [cell[(kind, m)][metric] for m in METHODS]
+            values = [cell[(kind, m)][metric] for m in methods]
             best = max(values)
             shown = [(f"**{v:.3f}**" if v == best and values.count(best) < len(values) else f"{v:.3f}") for v in values]
             lines.append(f"| {kind} | {n} | {metric} | " + " | ".join(shown) + " |")
     lines.append("| (all) | | ms per query | " + " | ".join(
-        f"{cell[('all', m)]['ms_per_query']:.1f}" for m in METHODS) + " |")
+        f"{cell[('all', m)]['ms_per_query']:.1f}" for m in methods) + " |")
     return "\n".join(lines)
 
 
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         questions.extend(loaded.questions)
     try:
         rows = compare(settings, questions)
-    except StoreError as exc:
+    except (StoreError, ModelUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=2) if args.json else table(rows))

@@ -50,7 +50,9 @@ class Evaluator:
         self.records = records
         self.seed = seed
         settings = runtime.settings
-        self.recall_retriever = self.chain.retriever.with_settings(k=max(RECALL_AT))
+        # Per mode: hybrid may search the tuned embedder's vector (core.retrieval.mode_retrievers).
+        self.recall_retrievers = {mode: self.chain.retriever_for(mode).with_settings(k=max(RECALL_AT))
+                                  for mode in RETRIEVING_MODES}
         self._conversations: dict[tuple[str, str], str] = {}  # (mode, set's conversation id) -> chain's id
 
     # -- the loop ----------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class Evaluator:
         if mode in RETRIEVING_MODES:
             retrieved = [
                 {"source": s.source, "page": s.page, "score": s.score}
-                for s in self.recall_retriever.retrieve(answer.query, scopes=[PUBLIC_SCOPE])
+                for s in self.recall_retrievers[mode].retrieve(answer.query, scopes=[PUBLIC_SCOPE])
             ]
         record |= {
             "query": answer.query,
@@ -161,7 +163,7 @@ class Evaluator:
         record |= {
             "query": query,
             "retrieved": [{"source": s.source, "page": s.page, "score": s.score}
-                          for s in self.recall_retriever.retrieve(query, scopes=[PUBLIC_SCOPE])],
+                          for s in self.recall_retrievers["rag"].retrieve(query, scopes=[PUBLIC_SCOPE])],
             "answer": answer, "refused": None if units else "nothing retrieved",
             "sources": [{"n": s.n, "source": s.source, "title": s.title, "page": s.page, "section": s.section,
                          "score": s.score, "cited": s.n in cited, "text": s.text} for s in sources],

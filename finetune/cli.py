@@ -26,6 +26,9 @@ Examples:
   # an embedder that knows "MI" means "myocardial infarction"
   python -m finetune embeddings --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-abbrev
   RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed
+  # or as a LoRA that only hybrid mode searches (a second named vector; -> data/adapters/demo-embedder/)
+  python -m finetune embeddings --lora --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-embedder --learning-rate 5e-4
+  python -m ingest tuned-vector
 """
 
 from __future__ import annotations
@@ -188,7 +191,10 @@ def make_parser() -> argparse.ArgumentParser:
         "  python -m finetune embeddings --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-abbrev\n"
         "  python -m finetune embeddings --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --out pubmedqa --epochs 1\n"
         "then re-embed the collection with it:\n"
-        "  RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed",
+        "  RAGTUNE_EMBEDDING__MODEL=data/embedders/demo-abbrev python -m ingest data/demo --reembed\n"
+        "a LoRA for hybrid mode's second vector (the committed data/adapters/demo-embedder):\n"
+        "  python -m finetune embeddings --lora --qa data/demo/qa/train.jsonl --val-qa data/demo/qa/validation.jsonl --out demo-embedder --learning-rate 5e-4\n"
+        "  python -m ingest tuned-vector --set retrieval.tuned_embedder=demo-embedder   # adds its vectors to the index",
     )
     emb.add_argument("--qa", type=Path, required=True, help="Q/A records (JSONL) with gold documents")
     emb.add_argument("--val-qa", type=Path, help="held-out Q/A records for recall@k; default: --val-share of --qa")
@@ -204,6 +210,11 @@ def make_parser() -> argparse.ArgumentParser:
     emb.add_argument("--val-share", type=float, default=0.2, help="held-out share without --val-qa (default 0.2)")
     emb.add_argument("--seed", type=int, default=0)
     emb.add_argument("--k", default="1,3,5", help="recall@k cut-offs (default 1,3,5)")
+    emb.add_argument("--lora", action="store_true",
+                     help="train a LoRA (PEFT) instead of the whole model: a few MB in <data_dir>/adapters/NAME, "
+                     "used as retrieval.tuned_embedder (hybrid mode searches its vectors; rag keeps the base's)")
+    emb.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
+    emb.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (default 32)")
     emb.add_argument("--force", action="store_true", help="replace the embedder if it exists")
     _common(emb)
     return parser
@@ -364,6 +375,7 @@ def _embeddings(args: argparse.Namespace, settings: Settings, progress: bool) ->
     options = EmbeddingOptions(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         val_share=args.val_share, seed=args.seed, k=[int(x) for x in args.k.split(",") if x.strip()],
+        lora=args.lora, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
     )
     glossaries = args.glossary
     if glossaries is None:
@@ -372,6 +384,10 @@ def _embeddings(args: argparse.Namespace, settings: Settings, progress: bool) ->
     result = train_embedder(settings, args.qa, args.out, options, val_qa_path=args.val_qa,
                             glossaries=glossaries, force=args.force, progress=progress)
     print(format_report(result.metrics))
-    print(f"wrote {result.out}; use it with: RAGTUNE_EMBEDDING__MODEL={result.out} python -m ingest PATH... --reembed",
-          file=sys.stderr)
+    if args.lora:
+        print(f"wrote {result.out}; add its vectors to the index with: python -m ingest tuned-vector "
+              f"--set retrieval.tuned_embedder={result.out}", file=sys.stderr)
+    else:
+        print(f"wrote {result.out}; use it with: RAGTUNE_EMBEDDING__MODEL={result.out} python -m ingest PATH... --reembed",
+              file=sys.stderr)
     return 0

@@ -12,9 +12,15 @@ the share of questions with a chunk of their gold document among the top k of th
 collection (what retrieval gives the chat model). The collection's stored vectors are not
 touched; both models embed the collection's chunks in memory for the measurement.
 
-Output: ``<data_dir>/embedders/NAME`` (a sentence-transformers folder + metrics.json). Using it
-means re-embedding the collection, which the collection's embedder record enforces:
-``RAGTUNE_EMBEDDING__MODEL=data/embedders/NAME python -m ingest PATH... --reembed``.
+Output, a full fine-tune: ``<data_dir>/embedders/NAME`` (a sentence-transformers folder +
+metrics.json). Using it means re-embedding the collection, which the collection's embedder record
+enforces: ``RAGTUNE_EMBEDDING__MODEL=data/embedders/NAME python -m ingest PATH... --reembed``.
+
+Output with ``--lora`` (PEFT on the model's BERT; a few MB): ``<data_dir>/adapters/NAME``
+(adapter_config.json, adapter_model.safetensors, embedder.json naming the base, metrics.json).
+It does not replace the base embedder: set ``retrieval.tuned_embedder`` to it and ingest writes
+its vectors as a second named vector (``retrieval.tuned_vector``) that hybrid mode searches,
+while rag keeps the base vector (``python -m ingest tuned-vector`` adds them to an existing index).
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.embeddings import Embedder, packaged_embedder_source
+from core.embeddings import TUNED_RECORD, Embedder, packaged_embedder_source
 from core.hub import resolve
 from core.qa import QARecord, check_disjoint, load_qa
 from core.settings import Settings
 from core.retrieval import Retriever
-from core.store import CONTENT_KEY, METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY
+from core.store import METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY
+from ingest.chunking import embed_text, payload_embed_text
 from finetune.abbreviations import BUILTIN, AbbreviationSwapper, load_glossaries
 from finetune.data import Passages, conversation_history, embedded_queries, retrieval_queries, split_records
 from finetune.files import InputError, raise_problems, refuse_existing, sha256_file, staged_dir, write_json
@@ -58,27 +65,21 @@ class EmbeddingOptions(BaseModel):
     seed: int = 0
     k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
     threads: int | Literal["auto"] = "auto"  # see finetune.threads
+    # A LoRA (PEFT) instead of a full fine-tune: a few MB beside the base model instead of a
+    # 90 MB copy, loaded by retrieval.tuned_embedder and searched as a second named vector.
+    lora: bool = False
+    lora_rank: int = Field(16, ge=1, le=256)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    # BERT's linear layers: attention (query/key/value, attention.output.dense) and the feed-forward
+    # (intermediate.dense, output.dense); "dense" matches all three dense layers.
+    lora_targets: list[str] = Field(default_factory=lambda: ["query", "key", "value", "dense"], min_length=1)
 
 
 @dataclass
 class EmbedderResult:
     out: Path
     metrics: dict[str, Any]
-
-
-def embed_text(title: str, section: str | None, text: str) -> str:
-    """What ingest embeds for a chunk: its heading line, then the text (ingest/chunking.py).
-
-    The payload keeps the text without the heading, so it is rebuilt here; the positives and
-    the corpus must be what the index holds, or the measured recall is not retrieval's.
-    """
-    heading = f"{title} | {section}" if section and section != title else title
-    return f"{heading}\n{text}"
-
-
-def payload_embed_text(payload: dict[str, Any]) -> str:
-    meta = payload.get(METADATA_KEY) or {}
-    return embed_text(meta.get("title", ""), meta.get("section"), str(payload.get(CONTENT_KEY, "")))
 
 
 def collection_corpus(store: "Store") -> tuple[dict[str, str], dict[str, set[str]]]:
@@ -199,8 +200,9 @@ def train_embedder(
 
     started = time.perf_counter()
     if not name or "/" in name or name.startswith("."):
-        raise InputError(f"--out {name!r}: give a plain name; the embedder is saved to <data_dir>/embedders/NAME")
-    target = settings.data_dir / "embedders" / name
+        raise InputError(f"--out {name!r}: give a plain name; the embedder is saved to <data_dir>/embedders/NAME "
+                         "(--lora: <data_dir>/adapters/NAME)")
+    target = (settings.adapters_dir if options.lora else settings.data_dir / "embedders") / name
     refuse_existing(target, force)
 
     records = load_qa(qa_path)
@@ -243,6 +245,16 @@ def train_embedder(
                                 local_files_only=source.local)
     ks = sorted(set(options.k))
     before = recall_at_k(model, query_sets, corpus, relevant, ks)
+    if options.lora:
+        from peft import LoraConfig, get_peft_model
+
+        module = model[0]  # the Transformer module; its .model (auto_model) is the BERT that gets the LoRA
+        module.model = get_peft_model(module.model, LoraConfig(
+            r=options.lora_rank, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+            target_modules=options.lora_targets, bias="none",
+        ))
+        trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+        log.info("LoRA rank %d on %s: %d trainable parameters", options.lora_rank, options.lora_targets, trainable)
 
     checkpoints = settings.data_dir / "checkpoints" / f"embedder-{name}"
     args = SentenceTransformerTrainingArguments(
@@ -283,13 +295,24 @@ def train_embedder(
         "train_wall_s": round(train_seconds, 1),
         "total_wall_s": round(time.perf_counter() - started, 1),
         "options": options.model_dump(),
+        "kind": "lora" if options.lora else "full",
         "threads": torch.get_num_threads(),
         "inputs": {"qa": {"path": str(qa_path), "sha256": sha256_file(Path(qa_path))},
                    **({"val_qa": {"path": str(val_qa_path), "sha256": sha256_file(Path(val_qa_path))}}
                       if val_qa_path else {})},
     }
     with staged_dir(target, force) as staging:
-        model.save_pretrained(str(staging))
+        if options.lora:
+            adapter = model[0].model  # the PeftModel: its save_pretrained writes the LoRA alone
+            # The base is named as the collection records it, not by this machine's package path:
+            # core.embeddings.load_tuned_embedder puts the LoRA on the configured embedding.model.
+            adapter.peft_config["default"].base_model_name_or_path = embedder.info.name
+            adapter.save_pretrained(str(staging))  # adapter_config.json + adapter_model.safetensors only
+            (staging / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+            write_json(staging / TUNED_RECORD, {"base_embedder": embedder.info.name, "lora_rank": options.lora_rank,
+                                                "lora_targets": options.lora_targets})
+        else:
+            model.save_pretrained(str(staging))
         write_json(staging / "metrics.json", metrics)
     return EmbedderResult(out=target, metrics=metrics)
 

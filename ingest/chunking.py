@@ -11,11 +11,27 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from core.embeddings import Embedder
+from core.store import CONTENT_KEY, METADATA_KEY
 from ingest.loaders import SourceDocument
+
+
+def embed_text(title: str, section: str | None, text: str) -> str:
+    """What is embedded for a chunk: its heading line (title, and section when it differs), then the text."""
+    heading = f"{title} | {section}" if section and section != title else title
+    return f"{heading}\n{text}"
+
+
+def payload_embed_text(payload: dict[str, Any]) -> str:
+    """A stored chunk's embedded text, rebuilt from its payload (which keeps the text without the
+    heading): what a second vector (python -m ingest tuned-vector), a migration or the embedder
+    fine-tune embeds must be what the index embedded."""
+    meta = payload.get(METADATA_KEY) or {}
+    return embed_text(meta.get("title", ""), meta.get("section"), str(payload.get(CONTENT_KEY, "")))
 
 
 @dataclass(frozen=True)
@@ -47,10 +63,7 @@ class Chunker:
     def split(self, document: SourceDocument) -> list[Chunk]:
         chunks: list[Chunk] = []
         for part in document.parts:
-            heading = document.title
-            section = part.metadata.get("section")
-            if section and section != document.title:
-                heading = f"{document.title} | {section}"
+            heading = embed_text(document.title, part.metadata.get("section"), "").rstrip("\n")
             for piece in self.splitter.split_text(part.page_content):
                 piece = piece.strip()
                 if not piece:

@@ -9,6 +9,13 @@ Examples:
   RAGTUNE_EMBEDDING__MODEL=./my-embedder python -m ingest data/demo --reembed
   python -m ingest migrate                        # move an index made by qdrant-client local mode
                                                   # into the embedded store (python -m ingest migrate --help)
+  python -m ingest tuned-vector                   # give every stored chunk retrieval.tuned_embedder's vector
+                                                  # (hybrid mode's), without re-embedding the base vector
+  python -m ingest tuned-vector --set retrieval.tuned_embedder=data/adapters/demo-embedder --collection docs
+
+With retrieval.tuned_embedder set (settings.yaml: the committed demo-embedder LoRA), every run
+also writes each new chunk's tuned vector, and first fills it in for the chunks already stored
+when the collection lacks it or it was made by another adapter.
 """
 
 from __future__ import annotations
@@ -18,11 +25,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.hub import ModelUnavailableError
 from core.logs import setup_logging
 from core.settings import SettingsError, load_settings, parse_overrides
 from core.store import StoreError
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from core.store import Store
+    from ingest.indexer import Indexer
 
 log = logging.getLogger("ingest")
 
@@ -57,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         from ingest.migrate import main as migrate
 
         return migrate(argv[1:])
+    tuned_only = argv[:1] == ["tuned-vector"]  # a folder of that name: python -m ingest ./tuned-vector
+    if tuned_only:
+        argv = [".", *argv[1:]]  # no paths are read: the chunks' stored text is embedded
     args = make_parser().parse_args(argv)
     overrides = parse_overrides(args.overrides)
     if args.collection:
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
 
-    from core.embeddings import load_embedder
+    from core.embeddings import load_embedder, load_tuned_embedder
     from core.store import open_store
     from ingest.service import build_indexer
 
@@ -79,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = open_store(settings)
         embedder = load_embedder(settings.embedding)
-        indexer = build_indexer(settings, store, embedder)
+        tuned = load_tuned_embedder(settings, embedder)
+        indexer = build_indexer(settings, store, embedder, tuned)
+        if tuned_only:
+            return _tuned_vector(settings, store, indexer, progress=not args.no_progress and sys.stderr.isatty())
         report = indexer.run(
             args.paths, prune=args.prune, dry_run=args.dry_run, reembed=args.reembed,
             progress=not args.no_progress and sys.stderr.isatty(),
@@ -104,3 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     print(("dry run: " if args.dry_run else "") + report.summary(), file=sys.stderr)
     return 0 if report.ok else 1
+
+
+def _tuned_vector(settings: "Settings", store: "Store", indexer: "Indexer", progress: bool) -> int:
+    """python -m ingest tuned-vector: the tuned vector for every stored chunk, base vectors kept."""
+    import time
+
+    if indexer.tuned is None:
+        print("error: retrieval.tuned_embedder is not set: nothing to add (e.g. --set "
+              "retrieval.tuned_embedder=data/adapters/demo-embedder)", file=sys.stderr)
+        return 2
+    if not store.exists():
+        print(f"error: the collection {settings.qdrant.collection!r} does not exist yet: "
+              "python -m ingest PATH... writes both vectors", file=sys.stderr)
+        return 2
+    store.check_embedder(indexer.embedder.info)
+    started = time.perf_counter()
+    filled = indexer.prepare_tuned_vector(progress=progress)
+    seconds = time.perf_counter() - started
+    name = settings.retrieval.tuned_vector
+    if filled:
+        print(f"{filled} chunks got their {name!r} vector from {indexer.tuned.info.name} in {seconds:.1f} s", file=sys.stderr)
+    else:
+        print(f"the {name!r} vectors are already those of {indexer.tuned.info.name}: nothing to do", file=sys.stderr)
+    return 0

@@ -27,8 +27,10 @@ from typing import Any
 
 from core.embeddings import Embedder
 from core.settings import IngestSettings
-from core.store import CONTENT_KEY, DENSE, METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY, Store, StorePoint
-from ingest.chunking import Chunk, Chunker
+from core.store import (
+    CONTENT_KEY, DENSE, METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY, RecordedVector, Store, StoreError, StorePoint,
+)
+from ingest.chunking import Chunk, Chunker, payload_embed_text
 from ingest.loaders import LoadFailure, SourceDocument, discover, load_file, pipeline_fingerprint
 
 log = logging.getLogger(__name__)
@@ -109,10 +111,16 @@ class Indexer:
         embedder: Embedder,
         settings: IngestSettings,
         batch_size: int = 32,
+        tuned: Embedder | None = None,
+        tuned_vector: str = "dense_tuned",
     ):
         self.store = store
         self.collection = store  # the generation bookkeeping (alias, embedder record) is the store's
         self.embedder = embedder
+        # The fine-tuned embedder (retrieval.tuned_embedder) whose vectors every chunk also gets,
+        # as the named vector tuned_vector; None: only the base vector is written.
+        self.tuned = tuned
+        self.tuned_vector = tuned_vector
         self.settings = settings
         self.batch_size = batch_size
         self.chunker = Chunker(embedder, settings.chunk_tokens, settings.chunk_overlap)
@@ -188,6 +196,7 @@ class Indexer:
             return report
 
         assert target is not None
+        self.prepare_tuned_vector(target, progress=progress)  # the stored points first, then new ones get both
         self._write(target, pending, report, progress, notify, scope)
         for document in cleanup:
             self._delete(target, document.doc_id, keep_hash=document.content_hash)
@@ -204,6 +213,70 @@ class Indexer:
             self.store.optimize()  # Qdrant Edge searches new points by brute force until this
         report.seconds = time.perf_counter() - started
         return report
+
+    # -- the tuned embedder's vector -----------------------------------------------------------
+    def prepare_tuned_vector(self, physical: str | None = None, *, fill: bool = True, progress: bool = False) -> int:
+        """Bring the tuned vector of ``physical`` (default: the current generation) in step with
+        ``self.tuned``: add the named vector if it is missing, and (``fill``) embed every stored chunk
+        whose tuned vector is missing or was made by another adapter, from its stored text; the
+        base vectors are not touched. Without ``fill`` only an empty collection is prepared (the
+        chat at start-up: filling a large index is ingest's job). Returns the chunks embedded."""
+        if self.tuned is None:
+            return 0
+        physical = physical or self.store.physical_name()
+        if physical is None:
+            return 0
+        name, info = self.tuned_vector, self.tuned.info
+        recorded = self.store.recorded_vector(name, physical)
+        if recorded is not None and (recorded.embedder, recorded.dimension, recorded.complete) == (
+                info.name, info.dimension, True):
+            return 0
+        if recorded is not None and recorded.dimension != info.dimension:
+            raise StoreError(
+                f"the collection's {name!r} vectors have {recorded.dimension} dimensions, but "
+                f"retrieval.tuned_embedder makes {info.dimension}: rebuild with python -m ingest PATH... --reembed, "
+                "or set retrieval.tuned_vector to another name"
+            )
+        empty = not any(True for _ in self.store.scroll(physical, fields=["doc_id"], page=1))
+        if not fill and not empty:
+            return 0
+        if recorded is None:
+            self.store.add_dense_vector(physical, name, info.dimension)
+        elif recorded.embedder != info.name:
+            log.info("the %s vectors were made by %s; re-embedding them with %s", name, recorded.embedder, info.name)
+        # Incomplete until every point has it: a search must not trust a half-filled vector.
+        self.store.record_vector(physical, name, RecordedVector(info.name, info.dimension, complete=empty))
+        if empty:
+            return 0
+        filled = self._fill_tuned(physical, progress)
+        self.store.record_vector(physical, name, RecordedVector(info.name, info.dimension, complete=True))
+        self.store.optimize()
+        log.info("%s: %d chunks got their %s vector from %s", physical, filled, name, info.name)
+        return filled
+
+    def _fill_tuned(self, physical: str, progress: bool) -> int:
+        from tqdm.auto import tqdm
+
+        assert self.tuned is not None
+        records = [(r.id, payload_embed_text(r.payload)) for r in self.store.scroll(physical, page=_SCROLL_PAGE)]
+        with tqdm(total=len(records), unit="chunk", desc=self.tuned_vector, disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, len(records), self.batch_size):
+                batch = records[start:start + self.batch_size]
+                vectors = self.tuned.embeddings.embed_documents([text for _, text in batch])
+                self.store.set_vectors(physical, self.tuned_vector, {i: v for (i, _), v in zip(batch, vectors)})
+                bar.update(len(batch))
+        return len(records)
+
+    def _untuned_points_written(self, physical: str) -> None:
+        """Points written without the tuned vector (retrieval.tuned_embedder unset) make a complete
+        one incomplete, so that hybrid stops searching a vector these chunks lack."""
+        recorded = self.store.recorded_vector(self.tuned_vector, physical)
+        if recorded is not None and recorded.complete:
+            log.warning("new chunks have no %s vector (retrieval.tuned_embedder is not set): hybrid mode searches "
+                        "'dense' until python -m ingest tuned-vector adds them", self.tuned_vector)
+            self.store.record_vector(physical, self.tuned_vector,
+                                     RecordedVector(recorded.embedder, recorded.dimension, complete=False))
 
     # -- state -------------------------------------------------------------------------------
     def _stored_documents(self, physical: str) -> dict[str, StoredDocument]:
@@ -260,15 +333,21 @@ class Indexer:
         if not total:
             return
         notify(f"embedding {total} chunks from {len(pending)} documents")
+        if self.tuned is None:
+            self._untuned_points_written(physical)
         queue = [(p, c) for p in pending for c in p.chunks]
         with tqdm(total=total, unit="chunk", desc="embedding", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(queue), self.batch_size):
                 batch = queue[start:start + self.batch_size]
                 t0 = time.perf_counter()
-                vectors = self.embedder.embeddings.embed_documents([c.embed_text for _, c in batch])
+                texts = [c.embed_text for _, c in batch]
+                vectors = [{DENSE: v} for v in self.embedder.embeddings.embed_documents(texts)]
+                if self.tuned is not None:
+                    for named, tuned in zip(vectors, self.tuned.embeddings.embed_documents(texts)):
+                        named[self.tuned_vector] = tuned
                 report.embed_seconds += time.perf_counter() - t0
                 points = [
-                    StorePoint(id=self._point_id(p.document, c), vectors={DENSE: v}, text=c.embed_text,
+                    StorePoint(id=self._point_id(p.document, c), vectors=v, text=c.embed_text,
                                payload=self._payload(p, c, scope))
                     for (p, c), v in zip(batch, vectors)
                 ]

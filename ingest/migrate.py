@@ -137,7 +137,7 @@ def _move(client: "QdrantClient", name: str, physical: str, target: Path, settin
           embedder: "Embedder | None", progress: bool) -> Moved:
     from tqdm.auto import tqdm
 
-    from finetune.embeddings import payload_embed_text
+    from ingest.chunking import payload_embed_text
     from ingest.uploads import scope_of_source
 
     recorded = _recorded(client, physical)

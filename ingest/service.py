@@ -8,5 +8,8 @@ from core.store import Store
 from ingest.indexer import Indexer
 
 
-def build_indexer(settings: Settings, store: Store, embedder: Embedder) -> Indexer:
-    return Indexer(store=store, embedder=embedder, settings=settings.ingest, batch_size=settings.embedding.batch_size)
+def build_indexer(settings: Settings, store: Store, embedder: Embedder, tuned: Embedder | None = None) -> Indexer:
+    """``tuned``: the embedder of retrieval.tuned_embedder (core.embeddings.load_tuned_embedder), whose
+    vectors each chunk also gets as retrieval.tuned_vector."""
+    return Indexer(store=store, embedder=embedder, settings=settings.ingest, batch_size=settings.embedding.batch_size,
+                   tuned=tuned, tuned_vector=settings.retrieval.tuned_vector)

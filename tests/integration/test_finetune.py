@@ -388,6 +388,34 @@ def test_embedding_finetune_reports_recall_before_and_after(index, embedder, dem
     assert json.loads((result.out / "metrics.json").read_text())["name"] == "tiny-abbrev"
 
 
+def test_embedding_lora_saves_the_adapter_alone_and_loads_as_the_tuned_embedder(index, embedder, demo_qa) -> None:
+    """--lora: a few MB of adapter in <data_dir>/adapters/NAME, not a copy of the model; it loads
+    as retrieval.tuned_embedder on the base and moves the vectors; the base embedder is untouched."""
+    from core.embeddings import load_tuned_embedder
+    from finetune.embeddings import EmbeddingOptions, train_embedder
+
+    settings, client = index
+    train_qa, val_qa = demo_qa
+    probe = "door-to-balloon time for STEMI"
+    base_vector = embedder.embeddings.embed_query(probe)
+    options = EmbeddingOptions(epochs=1, batch_size=8, k=[1], lora=True, lora_rank=4, learning_rate=1e-3)
+    result = train_embedder(settings, train_qa, "tiny-lora", options, val_qa_path=val_qa,
+                            glossaries=[DEMO / "glossary"], store=client, embedder=embedder, force=True)
+    assert result.out == settings.adapters_dir / "tiny-lora"
+    files = {f.name: f.stat().st_size for f in result.out.iterdir()}
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "embedder.json", "metrics.json"}
+    assert files["adapter_model.safetensors"] < 2 * 2**20  # rank 4: KBs, not the 90 MB model
+    assert json.loads((result.out / "embedder.json").read_text())["base_embedder"] == embedder.info.name
+    assert result.metrics["kind"] == "lora"
+
+    tuned = load_tuned_embedder(settings.model_copy(update={"retrieval": settings.retrieval.model_copy(
+        update={"tuned_embedder": str(result.out)})}), embedder)
+    assert tuned is not None and tuned.info.name.startswith(embedder.info.name + "+lora@")
+    tuned_vector = tuned.embeddings.embed_query(probe)
+    assert sum(a * b for a, b in zip(base_vector, tuned_vector)) < 0.9999  # the LoRA moved it
+    assert embedder.embeddings.embed_query(probe) == pytest.approx(base_vector, abs=1e-6)  # the base did not move
+
+
 # -- feedback: the chat's thumbs up and down as training data ---------------------------------
 DOSE_CHUNK = {"n": 1, "title": "Cardivexin", "source": "data/demo/monographs/cardivexin.md", "score": 0.81,
               "text": "Cardivexin starts at 10 mg once daily, taken in the morning.", "page": None,
