@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from core.hub import ModelUnavailableError
 from core.jsonl import InputError
 from core.logs import setup_logging
-from core.modes import ADAPTED_MODES, MODES
+from core.modes import ADAPTED_MODES, MODES, RETRIEVING_MODES
 from core.settings import Settings, SettingsError, load_settings, parse_overrides
 from core.store import StoreError
 
@@ -183,6 +183,10 @@ _RESUME_KEYS = ("question_set.sha256", "seed", "llm", "adapter", "embedder", "mo
                 "condense", "condense_turns", "attribute_citations")
 
 
+_RETRIEVAL_KEYS = ("embedder", "mode_vectors", "collection.name", "retrieval", "condense", "condense_turns",
+                   "attribute_citations")
+
+
 def _pick(config: dict[str, Any], dotted: str) -> Any:
     value: Any = config
     for part in dotted.split("."):
@@ -196,9 +200,16 @@ def resume_mismatch(previous: dict[str, Any], current: dict[str, Any]) -> list[s
     The adapter matters only once adapter modes were recorded: adding hybrid and finetuned to a
     finished base + rag run is a resume, not a new run.
     """
+    from evals.runner import EXTRACTIVE
+
     keys = list(_RESUME_KEYS)
-    if not set(previous.get("recorded_modes", previous.get("modes", []))) & set(ADAPTED_MODES):
+    recorded = set(previous.get("recorded_modes", previous.get("modes", [])))
+    if not recorded & set(ADAPTED_MODES):
         keys.remove("adapter")
+    if not recorded & {*RETRIEVING_MODES, EXTRACTIVE}:
+        # Only base and finetuned were recorded: they read no chunk, so retrieval, evidence
+        # and embedder settings changed since cannot have touched their records.
+        keys = [k for k in keys if k not in _RETRIEVAL_KEYS]
     return [key for key in keys if _pick(previous, key) != _pick(current, key)]
 
 

@@ -111,6 +111,9 @@ def test_resume_refuses_other_settings_but_not_other_modes() -> None:
     adapted = config | {"recorded_modes": ["rag", "hybrid"]}
     assert resume_mismatch(adapted, changed) == ["adapter"]  # the point count may grow; the name may not
     assert resume_mismatch(adapted, changed | {"retrieval": {"k": 10}}) == ["adapter", "retrieval"]
+    # Only modes that read no chunk were recorded: retrieval changed since touched none of them.
+    closed_book = config | {"recorded_modes": ["base", "finetuned"]}
+    assert resume_mismatch(closed_book, changed | {"retrieval": {"k": 10}, "embedder": "e2"}) == ["adapter"]
 
 
 def test_help_shows_copy_paste_examples() -> None:
