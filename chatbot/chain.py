@@ -71,6 +71,29 @@ class InvalidQuestion(ValueError):
     """A question that is refused before any work (empty, too long)."""
 
 
+def first_paragraph(pieces: Iterator[str]) -> Iterator[str]:
+    """``pieces`` up to the first line break that follows some text (blank lines before it are
+    dropped); closing the stream early ends the generation."""
+    started = False
+    try:
+        for piece in pieces:
+            if not started:
+                piece = piece.lstrip()
+                if not piece:
+                    continue
+                started = True
+            if "\n" in piece:
+                head = piece.split("\n", 1)[0]
+                if head:
+                    yield head
+                return
+            yield piece
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # a backend's stream holds its model's lock until it is closed
+
+
 def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
@@ -174,8 +197,8 @@ class ConversationalRagChain:
                 yield ChainEvent("token", text=opening)
                 # The answer in the model's words is one paragraph ("one or two sentences", the
                 # prompt says); what a 135M model writes after it repeats the quotes or the question.
-                stream = self.models.stream_continuation(
-                    messages, opening, adapted, self.settings.llm.max_new_tokens, stop=["\n"])
+                stream = first_paragraph(self.models.stream_continuation(
+                    messages, opening, adapted, self.settings.llm.max_new_tokens))
             else:
                 model = self.models.chat_model(adapted, self.settings.llm.max_new_tokens)
                 stream = (str(c.content) for c in model.stream(_to_langchain(messages)) if c.content)

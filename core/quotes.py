@@ -119,7 +119,7 @@ def says_nothing_new(sentence: str, question: str, shown: Sequence[str]) -> bool
     further from the reader without adding one."""
     said = set(words(re.sub(r"\[\d{1,2}\]", " ", sentence)))  # its [n] is not something it says
     if not said:
-        return bool(sentence.strip()) and not any(ch.isalnum() for ch in sentence)
+        return bool(sentence.strip())  # a citation or punctuation left on its own
     if sentence.rstrip().endswith("?") and len(said & set(words(question))) >= 0.6 * len(said):
         return True
     return any(len(said & set(words(text))) >= REPEAT_SHARE * len(said) for text in shown)

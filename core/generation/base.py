@@ -77,19 +77,18 @@ class GenerationBackend(ABC):
         model file, id or served name) and ``adapter`` (its folder, a served name, or None)."""
 
     def stream_continuation(
-        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None,
-        stop: Sequence[str] = (),
+        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None
     ) -> Iterator[str]:
         """Text pieces that continue an assistant answer already begun with ``prefix`` (the chain
         writes the verified quotes itself and the model goes on from them; core/quotes.py).
 
         The default, for backends that cannot condition on a begun answer (the OpenAI chat API
         has no portable "continue the last assistant message"), streams an answer to
-        ``messages`` alone; the caller still shows ``prefix`` before it. ``stop``: strings that end
-        the continuation (not included)."""
+        ``messages`` alone; the caller still shows ``prefix`` before it."""
         model = self.chat_model(adapted, max_new_tokens)
-        pieces = (str(chunk.content) for chunk in model.stream(_langchain_messages(messages)) if chunk.content)
-        yield from until_stop(pieces, stop)
+        for chunk in model.stream(_langchain_messages(messages)):
+            if chunk.content:
+                yield str(chunk.content)
 
     def warm_up(self, adapted: bool) -> None:
         """Load what answering with these weights needs, so the first answer does not wait for it."""
@@ -110,29 +109,6 @@ class GenerationBackend(ABC):
             if key not in self._chat_models:
                 self._chat_models[key] = self._build_chat_model(*key)
             return self._chat_models[key]
-
-
-def until_stop(pieces: Iterator[str], stop: Sequence[str]) -> Iterator[str]:
-    """``pieces`` up to the first of the ``stop`` strings, which may span pieces (the stop of
-    LangChain's HuggingFacePipeline takes single tokens only, and a served model's differs)."""
-    if not stop:
-        yield from pieces
-        return
-    held = ""  # text that may be the start of a stop string
-    longest = max(len(s) for s in stop)
-    for piece in pieces:
-        held += piece
-        cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            if held[:cut]:
-                yield held[:cut]
-            return
-        safe = len(held) - longest + 1
-        if safe > 0:
-            yield held[:safe]
-            held = held[safe:]
-    if held:
-        yield held
 
 
 def _langchain_messages(messages: Messages) -> list[Any]:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,15 +252,14 @@ class LlamaCppBackend(GenerationBackend):
         )
 
     def stream_continuation(
-        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None,
-        stop: Sequence[str] = (),
+        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None
     ) -> Iterator[str]:
         # The begun answer's tokens follow the generation prompt, as if the model had written them.
         model = self.chat_model(adapted, max_new_tokens)
         assert isinstance(model, LlamaCppChat)
         instance = model.instance
         tokens = instance.prompt_tokens(messages) + instance.text_tokens(prefix)
-        yield from instance.stream(tokens, **model._sampling(list(stop)))
+        yield from instance.stream(tokens, **model._sampling(None))
 
     def count_prompt_tokens(self, messages: Messages) -> int:
         return len(self.instance(False).prompt_tokens(messages))

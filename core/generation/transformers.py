@@ -8,10 +8,10 @@ answers in different modes would race on; the 135M model costs ~0.5 GB per copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from core.generation.base import LABEL_TEXTS, GenerationBackend, Messages, backend_unavailable, until_stop
+from core.generation.base import LABEL_TEXTS, GenerationBackend, Messages, backend_unavailable
 from core.llm import ChatModel, load_chat_model, resolve_adapter
 from core.settings import Settings
 
@@ -73,15 +73,15 @@ class TransformersBackend(GenerationBackend):
         return ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=chat.tokenizer)
 
     def stream_continuation(
-        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None,
-        stop: Sequence[str] = (),
+        self, messages: Messages, prefix: str, adapted: bool, max_new_tokens: int | None = None
     ) -> Iterator[str]:
         # The chat model's pipeline, on the rendered prompt with the begun answer after it
         # (ChatHuggingFace itself insists that the last message is the user's).
         chat_model = self.chat_model(adapted, max_new_tokens)
         prompt = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        pieces = (str(p) for p in chat_model.llm.stream(prompt + prefix) if p)  # type: ignore[attr-defined]
-        yield from until_stop(pieces, stop)
+        for piece in chat_model.llm.stream(prompt + prefix):  # type: ignore[attr-defined]
+            if piece:
+                yield str(piece)
 
     def prompt_ids(self, messages: Messages) -> list[int]:
         tokenizer = self.tokenizer

@@ -147,3 +147,19 @@ def test_front_matter_supersedes_and_newer_documents_come_first(tmp_path: Path) 
     ordered = prefer_newer([old, new])
     assert [s.title for s in ordered] == ["New", "Old"] and [s.n for s in ordered] == [1, 2]
     assert ordered[1].superseded_by == "data/demo/updates/new.md" and ordered[0].superseded_by is None
+
+
+def test_the_continuation_is_read_up_to_its_first_paragraph_end() -> None:
+    from chatbot.chain import first_paragraph
+
+    closed = []
+
+    def stream():
+        try:
+            yield from ["\n", " It is 10", " mg [1].", "\nAnd more", " text"]
+        finally:
+            closed.append(True)
+
+    assert "".join(first_paragraph(stream())) == "It is 10 mg [1]."
+    assert closed == [True]  # the backend's stream is closed, not left holding its lock
+    assert "".join(first_paragraph(iter(["No break at all."]))) == "No break at all."
