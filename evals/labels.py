@@ -9,9 +9,10 @@ adapter's *training* split (never on the questions it is evaluated on):
 
     label = argmax over labels of  log P(label | prompt) + offset[label]
 
-The offsets live beside the adapter (``ADAPTER/label_prior.json``), so the adapter is evaluated
-with the correction it was fitted with wherever it goes; ``python -m evals`` applies them to the
-adapted modes (finetuned, hybrid) and reports the uncorrected likelihood label beside them.
+The offsets live beside the adapter (``ADAPTER/label_prior.json``, with the mode they were fitted
+in), so the adapter is evaluated with the correction it was fitted with wherever it goes;
+``python -m evals`` applies them to that mode only (hybrid's likelihoods, read with the abstract
+in the prompt, are not finetuned's) and reports the uncorrected likelihood label beside them.
 
 Examples:
   # the adapter's likelihoods on (some of) its training questions, in the mode it will be evaluated in
@@ -35,9 +36,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.modes import ADAPTED_MODES
 from core.qa import CLOSED_LABELS
 
 LABEL_PRIOR_FILE = "label_prior.json"
+DEFAULT_MODE = "hybrid"
 # Offsets tried for each label but the first (the first stays at 0: only differences matter).
 GRID = tuple(round(-4.0 + 0.1 * i, 1) for i in range(81))
 
@@ -53,7 +56,7 @@ def apply_prior(logprobs: Mapping[str, float], prior: Mapping[str, float] | None
 
 
 def read_label_prior(path: Path) -> dict[str, float]:
-    """``{"offsets": {"yes": 0.0, "no": 1.2, "maybe": 2.3}, ...}`` -> the offsets."""
+    """``{"offsets": {"yes": 0.0, "no": 1.2, "maybe": 2.3}, "mode": "hybrid", ...}`` -> the offsets."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -68,15 +71,29 @@ def read_label_prior(path: Path) -> dict[str, float]:
     if problems:
         raise LabelPriorError(f"{path}: {', '.join(problems)}: the labels are {', '.join(CLOSED_LABELS)} "
                               "and each offset a number")
+    mode = data.get("mode", DEFAULT_MODE)
+    if mode not in ADAPTED_MODES:
+        raise LabelPriorError(f"{path}: field 'mode' must be one of {', '.join(ADAPTED_MODES)}, not {mode!r}")
     return {label: float(value) for label, value in offsets.items()}
 
 
-def adapter_label_prior(adapter_dir: str | Path | None) -> dict[str, float] | None:
-    """The prior beside an adapter folder, or None when it has none (or is a served name)."""
+def prior_mode(path: Path) -> str:
+    """The mode a prior was fitted in (its likelihoods), the only one it is applied to."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return data.get("mode", DEFAULT_MODE) if isinstance(data, dict) else DEFAULT_MODE
+
+
+def adapter_label_prior(adapter_dir: str | Path | None) -> dict[str, Any] | None:
+    """``{"mode": ..., "offsets": {...}}`` beside an adapter folder, or None when it has none (or
+    is a served name). Each mode's likelihoods have their own bias (finetuned reads no documents),
+    so a prior applies to the mode it was fitted in only."""
     if not adapter_dir:
         return None
     path = Path(adapter_dir) / LABEL_PRIOR_FILE
-    return read_label_prior(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    offsets = read_label_prior(path)
+    return {"mode": prior_mode(path), "offsets": offsets, "path": str(path)}
 
 
 def fit_label_prior(gold: Sequence[str], logprobs: Sequence[Mapping[str, float]],
@@ -136,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     gold = [r["label"] for r in records]
     logprobs = [r["label_logprobs"] for r in records]
     prior = fit_label_prior(gold, logprobs)
+    if args.mode not in ADAPTED_MODES:
+        print(f"error: --mode {args.mode}: a label prior is the adapter's: {', '.join(ADAPTED_MODES)}", file=sys.stderr)
+        return 2
     result = {
         "offsets": prior,
+        "mode": args.mode,
         "fitted_on": {"records": str(args.records), "mode": args.mode, "questions": len(records),
                       "labels": dict(Counter(gold)), "ids": sorted(r["id"] for r in records)},
         "before": prior_figures(gold, logprobs, None),

@@ -13,8 +13,8 @@ Definitions (docs/evals.md says the same, with examples):
 - Closed labels (yes / no / maybe): the generated label is the first of those words in the
   answer ("none", which is wrong, when there is none); the likelihood label is the label whose
   text ("Yes", "No", "Maybe") the model finds most likely as the start of its answer, ties going
-  to the label listed first in ``CLOSED_LABELS``; an adapted mode whose adapter has a label prior
-  (``label_prior.json``, evals/labels.py) adds its offsets first.
+  to the label listed first in ``CLOSED_LABELS``; in the mode an adapter's label prior was fitted
+  in (``label_prior.json``, evals/labels.py), its offsets are added first.
   Macro-F1 averages the per-label F1 over the
   labels that occur among the gold or the predicted labels ("none" is never a class).
 - Free-form answers: SQuAD's token F1 and ROUGE-L (F-measure of the longest common token

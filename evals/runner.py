@@ -10,7 +10,7 @@ chain's answer the evaluator measures what the chain does not:
   answer, so the answers are those of the configured chat);
 - the closed-label likelihoods (the generation backend's ``label_logprobs``, the same backend
   and weights that answered) on the prompt the mode used (the chunks narrowed to the evidence
-  units the chain showed), and in the adapted modes the adapter's label prior (evals/labels.py).
+  units the chain showed), and in the mode it was fitted in, the adapter's label prior (evals/labels.py).
 
 Conversations (``conversation_id`` + ``turn``) are asked in order in one chain conversation per
 mode, so a follow-up has the chat memory of its earlier turns. When ``--resume`` starts in the
@@ -139,8 +139,8 @@ class Evaluator:
         if question.label:
             record["label_logprobs"] = self._label_logprobs(
                 question, answer, adapted=mode in ADAPTED_MODES, retrieving=mode in RETRIEVING_MODES)
-            if mode in ADAPTED_MODES and self.label_prior:
-                record["label_prior"] = self.label_prior
+            if self.label_prior and mode == self.label_prior["mode"]:
+                record["label_prior"] = self.label_prior["offsets"]
         record["scores"] = score_record(record)
         return record
 

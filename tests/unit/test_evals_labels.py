@@ -61,8 +61,12 @@ def test_the_summary_reports_the_label_before_and_after_the_prior() -> None:
 
 def test_the_prior_file_beside_an_adapter(tmp_path: Path) -> None:
     assert adapter_label_prior(tmp_path) is None and adapter_label_prior(None) is None
-    (tmp_path / LABEL_PRIOR_FILE).write_text(json.dumps({"offsets": {"yes": 0, "no": 1.5, "maybe": 2}}))
-    assert adapter_label_prior(tmp_path) == {"yes": 0.0, "no": 1.5, "maybe": 2.0}
+    path = tmp_path / LABEL_PRIOR_FILE
+    path.write_text(json.dumps({"offsets": {"yes": 0, "no": 1.5, "maybe": 2}}))
+    assert adapter_label_prior(tmp_path) == {"mode": "hybrid", "offsets": {"yes": 0.0, "no": 1.5, "maybe": 2.0},
+                                             "path": str(path)}  # fitted in hybrid unless it says otherwise
+    path.write_text(json.dumps({"offsets": {"no": 1.0}, "mode": "finetuned"}))
+    assert adapter_label_prior(tmp_path)["mode"] == "finetuned"
 
 
 @pytest.mark.parametrize("content, field", [
@@ -70,6 +74,7 @@ def test_the_prior_file_beside_an_adapter(tmp_path: Path) -> None:
     (json.dumps({"offset": {"yes": 0}}), "'offsets'"),
     (json.dumps({"offsets": {"yes": 0, "perhaps": 1}}), "'offsets.perhaps'"),
     (json.dumps({"offsets": {"no": "high"}}), "'offsets.no'"),
+    (json.dumps({"offsets": {"no": 1.0}, "mode": "rag"}), "'mode'"),
 ])
 def test_a_bad_prior_file_is_named_with_its_field(tmp_path: Path, content: str, field: str) -> None:
     path = tmp_path / LABEL_PRIOR_FILE
@@ -87,8 +92,11 @@ def test_the_cli_fits_on_an_evals_run_and_writes_the_file(tmp_path: Path, capsys
     out = tmp_path / "adapter" / LABEL_PRIOR_FILE
     assert main(["--records", str(records), "--mode", "hybrid", "--out", str(out)]) == 0
     written = json.loads(out.read_text())
+    assert written["mode"] == "hybrid"
     assert written["fitted_on"]["questions"] == 6  # the rag record is not the adapter's
     assert written["before"]["macro_f1"] < written["after"]["macro_f1"] == 1.0
     assert read_label_prior(out) == written["offsets"]
     assert "macro-F1 100.0%" in capsys.readouterr().out
-    assert main(["--records", str(records), "--mode", "finetuned", "--out", str(out)]) == 2
+    assert main(["--records", str(records), "--mode", "finetuned", "--out", str(out)]) == 2  # no such records
+    assert main(["--records", str(records), "--mode", "rag", "--out", str(out)]) == 2  # not the adapter's
+    assert read_label_prior(out) == written["offsets"]  # a refused fit leaves the file as it was
