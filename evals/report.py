@@ -157,7 +157,9 @@ def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, 
         f"(temperature {llm['temperature']}), max_new_tokens {llm['max_new_tokens']}, "
         f"repetition_penalty {llm['repetition_penalty']}, context_window {llm['context_window']}",
         f"- adapter: {adapter.get('path') or 'none'}"
-        + (f" (fingerprint sha256 `{adapter['fingerprint']}`)" if adapter.get("fingerprint") else ""),
+        + (f" (fingerprint sha256 `{adapter['fingerprint']}`)" if adapter.get("fingerprint") else "")
+        + (f"; label prior {config['label_prior']['offsets']} applied to {config['label_prior']['mode']} "
+           f"({config['label_prior']['path']})" if config.get("label_prior") else ""),
         f"- embedder: {config['embedder']}; collection `{config['collection']['name']}` "
         f"({config['collection']['points']} chunks)"
         # Runs recorded before the tuned embedder have no mode_vectors: every mode searched dense.
