@@ -12,7 +12,7 @@ Examples:
 
   # PubMedQA: its own collection, a random validation split, everything outside the repository
   python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa --set data_dir=/tmp/pubmedqa-run
-  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --no-gold-share 0 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
+  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 1 --gold-chunks 3 --no-gold-share 0 --no-quotes --max-tokens 1100 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
   python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
 
   # no hand-written Q/A set: a teacher writes one from the index (synth.teacher: local, or any OpenAI-compatible endpoint)
