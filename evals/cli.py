@@ -38,6 +38,7 @@ from core.logs import setup_logging
 from core.modes import ADAPTED_MODES, MODES, RETRIEVING_MODES
 from core.settings import Settings, SettingsError, load_settings, parse_overrides
 from core.store import StoreError
+from evals.labels import LabelPriorError, adapter_label_prior
 
 if TYPE_CHECKING:
     from chatbot.runtime import Runtime
@@ -166,6 +167,8 @@ def describe_run(args: argparse.Namespace, argv: list[str], runtime: "Runtime", 
         },
         "generation": backend,  # threads, batch size...: recorded, not compared
         "adapter": _adapter_description(backend.get("adapter")),
+        # Its yes/no/maybe offsets (evals/labels.py), applied to the adapted modes' likelihood labels.
+        "label_prior": adapter_label_prior(backend.get("adapter")),
         "embedder": runtime.embedder.info.name,
         # What each retrieving mode searched: hybrid the tuned embedder's vector when it was ready.
         "mode_vectors": {mode: {"vector": r.settings.vector, "embedder": r.embedder.info.name}
@@ -288,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                 active.append(mode)
         if not active:
             return _fail("no mode can run: " + "; ".join(notes))
-        config = describe_run(args, argv, runtime, qa, questions, active)
+        try:
+            config = describe_run(args, argv, runtime, qa, questions, active)
+        except LabelPriorError as exc:
+            return _fail(str(exc))
         run_file = out / RUN_FILE
         if args.resume and run_file.is_file():
             previous = json.loads(run_file.read_text(encoding="utf-8"))

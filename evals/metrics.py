@@ -13,7 +13,9 @@ Definitions (docs/evals.md says the same, with examples):
 - Closed labels (yes / no / maybe): the generated label is the first of those words in the
   answer ("none", which is wrong, when there is none); the likelihood label is the label whose
   text ("Yes", "No", "Maybe") the model finds most likely as the start of its answer, ties going
-  to the label listed first in ``CLOSED_LABELS``. Macro-F1 averages the per-label F1 over the
+  to the label listed first in ``CLOSED_LABELS``; in the mode an adapter's label prior was fitted
+  in (``label_prior.json``, evals/labels.py), its offsets are added first.
+  Macro-F1 averages the per-label F1 over the
   labels that occur among the gold or the predicted labels ("none" is never a class).
 - Free-form answers: SQuAD's token F1 and ROUGE-L (F-measure of the longest common token
   subsequence, tokenised like the ``rouge-score`` package, without stemming), both on the
@@ -36,6 +38,7 @@ from typing import Any
 from core.facts import numbers, unsupported_numbers
 from core.prompts import NOT_COVERED
 from core.qa import CLOSED_LABELS, closed_label  # noqa: F401  (a reference's label: the Q/A record's rule)
+from evals.labels import apply_prior
 
 NO_LABEL = "none"
 RECALL_AT: tuple[int, ...] = (1, 5, 10)
@@ -228,7 +231,10 @@ def score_record(record: Mapping[str, Any]) -> dict[str, Any]:
         scores["label_generated_correct"] = scores["label_generated"] == label
         logprobs = record.get("label_logprobs")
         if logprobs:
-            scores["label_likelihood"] = label_from_logprobs(logprobs)
+            # The adapter's label prior (evals/labels.py), when its record carries one; the
+            # uncorrected label is kept beside it, so the report shows what the prior changed.
+            scores["label_likelihood_raw"] = label_from_logprobs(logprobs)
+            scores["label_likelihood"] = label_from_logprobs(apply_prior(logprobs, record.get("label_prior")))
             scores["label_likelihood_correct"] = scores["label_likelihood"] == label
 
     reference = record.get("reference")
@@ -315,6 +321,14 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["macro_f1_likelihood"] = macro_f1(gold_likely, predicted_likely)
     else:
         out["accuracy_likelihood"] = out["macro_f1_likelihood"] = None
+    # Before the adapter's label prior: only where this mode's records carry one (else the same figures).
+    prior_used = [r for r in likely if r.get("label_prior")]
+    out["n_label_prior"] = len(prior_used) or None
+    out["accuracy_likelihood_raw"] = out["macro_f1_likelihood_raw"] = None
+    if prior_used:
+        raw = [r["scores"].get("label_likelihood_raw", r["scores"]["label_likelihood"]) for r in likely]
+        out["accuracy_likelihood_raw"] = accuracy(gold_likely, raw)
+        out["macro_f1_likelihood_raw"] = macro_f1(gold_likely, raw)
     majority = majority_label(gold_labels)
     out["majority_label"] = majority
     out["majority_accuracy"] = accuracy(gold_labels, [majority] * len(gold_labels)) if majority else None

@@ -92,7 +92,8 @@ def read_ids(path: Path) -> set[str]:
     """Question ids from a file: JSONL with an ``id`` field per line (e.g. a ``finetune
     prepare`` output such as ``sft/train.jsonl``), or plain text with one id per line."""
     ids: set[str] = set()
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 or U+0085, which splitlines() breaks at.
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
         line = line.strip()
         if not line:
             continue

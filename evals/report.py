@@ -42,6 +42,9 @@ ROWS: tuple[Row, ...] = (
     Row("label macro-F1, generated answer", "macro_f1_generated", _pct, "n_closed"),
     Row("label accuracy, likelihood", "accuracy_likelihood", _pct, "n_likelihood"),
     Row("label macro-F1, likelihood", "macro_f1_likelihood", _pct, "n_likelihood"),
+    Row("... of which with the adapter's label prior", "n_label_prior", lambda v: f"{v:.0f}", "n_likelihood"),
+    Row("label accuracy, likelihood before the label prior", "accuracy_likelihood_raw", _pct, "n_likelihood"),
+    Row("label macro-F1, likelihood before the label prior", "macro_f1_likelihood_raw", _pct, "n_likelihood"),
     Row("majority-class baseline accuracy", "majority_accuracy", _pct, "n_closed"),
     Row("majority-class baseline macro-F1", "majority_macro_f1", _pct, "n_closed"),
     Row("answer token F1", "token_f1", _pct, "n_free"),
@@ -154,7 +157,9 @@ def render_report(config: Mapping[str, Any], summary: Mapping[str, Mapping[str, 
         f"(temperature {llm['temperature']}), max_new_tokens {llm['max_new_tokens']}, "
         f"repetition_penalty {llm['repetition_penalty']}, context_window {llm['context_window']}",
         f"- adapter: {adapter.get('path') or 'none'}"
-        + (f" (fingerprint sha256 `{adapter['fingerprint']}`)" if adapter.get("fingerprint") else ""),
+        + (f" (fingerprint sha256 `{adapter['fingerprint']}`)" if adapter.get("fingerprint") else "")
+        + (f"; label prior {config['label_prior']['offsets']} applied to {config['label_prior']['mode']} "
+           f"({config['label_prior']['path']})" if config.get("label_prior") else ""),
         f"- embedder: {config['embedder']}; collection `{config['collection']['name']}` "
         f"({config['collection']['points']} chunks)"
         # Runs recorded before the tuned embedder have no mode_vectors: every mode searched dense.

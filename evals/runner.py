@@ -9,7 +9,8 @@ chain's answer the evaluator measures what the chain does not:
   second ``Retriever`` whose only difference is ``retrieval.k`` (the chain keeps its k for the
   answer, so the answers are those of the configured chat);
 - the closed-label likelihoods (the generation backend's ``label_logprobs``, the same backend
-  and weights that answered) on the prompt the mode used.
+  and weights that answered) on the prompt the mode used (the chunks narrowed to the evidence
+  units the chain showed), and in the mode it was fitted in, the adapter's label prior (evals/labels.py).
 
 Conversations (``conversation_id`` + ``turn``) are asked in order in one chain conversation per
 mode, so a follow-up has the chat memory of its earlier turns. When ``--resume`` starts in the
@@ -25,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from core.generation import LikelihoodUnavailable
 from core.modes import ADAPTED_MODES, RETRIEVING_MODES
-from core.prompts import NOT_COVERED, ContextChunk, build_messages
+from core.prompts import NOT_COVERED, ContextChunk, build_messages, narrow_chunks
 from core.store import PUBLIC_SCOPE
+from evals.labels import adapter_label_prior
 from evals.metrics import RECALL_AT, score_record
 from evals.questions import EvalQuestion
 from evals.records import RecordLog
@@ -54,6 +56,8 @@ class Evaluator:
         self.recall_retrievers = {mode: self.chain.retriever_for(mode).with_settings(k=max(RECALL_AT))
                                   for mode in RETRIEVING_MODES}
         self._conversations: dict[tuple[str, str], str] = {}  # (mode, set's conversation id) -> chain's id
+        # The adapter's yes/no/maybe offsets (evals/labels.py), applied to the adapted modes' labels.
+        self.label_prior = adapter_label_prior(runtime.generation.describe().get("adapter"))
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, questions: Sequence[EvalQuestion], modes: Sequence[str], progress: bool = True) -> int:
@@ -135,6 +139,8 @@ class Evaluator:
         if question.label:
             record["label_logprobs"] = self._label_logprobs(
                 question, answer, adapted=mode in ADAPTED_MODES, retrieving=mode in RETRIEVING_MODES)
+            if self.label_prior and mode == self.label_prior["mode"]:
+                record["label_prior"] = self.label_prior["offsets"]
         record["scores"] = score_record(record)
         return record
 
@@ -182,6 +188,8 @@ class Evaluator:
         chunks = None
         if retrieving:
             chunks = [ContextChunk(s.text, s.title, s.source, s.page, s.section) for s in answer.sources]
+            if answer.evidence:  # narrowed to the evidence units, as the chain's prompt was (chain._generate)
+                chunks = narrow_chunks(chunks, answer.evidence[: self.runtime.settings.retrieval.evidence.prompt_units])
         history = self.chain.memory.turns(OWNER, answer.conversation_id)[:-1]  # without this turn
         try:
             scores = self.chain.models.label_logprobs(build_messages(question.question, chunks, history), adapted)

@@ -12,7 +12,7 @@ Examples:
 
   # PubMedQA: its own collection, a random validation split, everything outside the repository
   python -m ingest ../shared/data/pubmedqa/corpus.jsonl --text-field contexts --collection pubmedqa --set data_dir=/tmp/pubmedqa-run
-  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 2 --no-gold-share 0 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
+  python -m finetune prepare --qa ../shared/data/pubmedqa/dev.jsonl --collection pubmedqa --distractors 1 --gold-chunks 3 --no-gold-share 0 --no-quotes --max-tokens 1100 --out /tmp/pubmedqa-run/finetune/pubmedqa --set data_dir=/tmp/pubmedqa-run
   python -m finetune train --config finetune/configs/pubmedqa.yaml --set data_dir=/tmp/pubmedqa-run
 
   # no hand-written Q/A set: a teacher writes one from the index (synth.teacher: local, or any OpenAI-compatible endpoint)
@@ -92,6 +92,9 @@ def make_parser() -> argparse.ArgumentParser:
     prep.add_argument("--kinds", default="sft,raft", help="comma-separated: sft, raft (default both)")
     prep.add_argument("--distractors", type=int, metavar="K",
                       help="distractor chunks per example (default retrieval.k - 1: as many chunks as the chat gets)")
+    prep.add_argument("--gold-chunks", type=int, default=1, metavar="N",
+                      help="chunks of the gold document each RAFT example shows, its best-ranked first (default 1; "
+                           "PubMedQA: 3, the abstract's results as well as its background)")
     prep.add_argument("--no-gold-share", type=float, default=0.2, metavar="P",
                       help="share of answerable RAFT examples without the gold chunk, target NOT_COVERED (default 0.2; "
                            "a small model over-learns the refusal: the demo uses 0.05, see docs/finetune.md)")
@@ -268,6 +271,7 @@ def _prepare(args: argparse.Namespace, settings: Settings, progress: bool) -> in
             distractors=args.distractors, no_gold_share=args.no_gold_share, val_share=args.val_share,
             seed=args.seed, followups=args.followups, max_tokens=args.max_tokens,
             raft_unanswerable=not args.no_raft_unanswerable, quotes=not args.no_quotes,
+            gold_chunks=args.gold_chunks,
         )
     except ValidationError as exc:
         raise InputError("; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("_", "-")

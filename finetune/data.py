@@ -17,7 +17,8 @@ format, ``{"prompt": [system, user], "completion": [assistant]}`` plus bookkeepi
 (``id``, ``case``, ``gold``, ``sources``) that training ignores.
 
 Gold chunk: the gold document's chunk the chat's retriever ranks first for the question (filtered
-to that document, and to ``gold_page`` when the record names one). Distractors: what the chat's
+to that document, and to ``gold_page`` when the record names one); with ``--gold-chunks N`` its
+next N - 1 chunks are shown too (uncited), for answers that need the whole document. Distractors: what the chat's
 retriever ranks highest for the question among other documents (same method, vector and MMR). ``k`` defaults to ``retrieval.k - 1``, so an example shows as
 many chunks as the chat chain retrieves. A follow-up turn keeps its earlier turns as chat history
 and is searched as the chain searches it (``chat.condense=concat``: the question alone or with
@@ -86,6 +87,11 @@ class PrepareOptions(BaseModel):
         "calibrated decline (retrieval.decline) decides 'not covered' and the adapter should always answer"
     )
     quotes: bool = Field(True, description="RAFT prompts show the evidence units and targets quote them first")
+    gold_chunks: int = Field(
+        1, ge=1, le=10, description="chunks of the gold document a RAFT example shows (its best-ranked ones): "
+        "more than 1 where the answer needs the whole document, e.g. a PubMedQA label read from the abstract's "
+        "results, while the best-ranked chunk is the background that restates the question"
+    )
 
 
 @dataclass(frozen=True)
@@ -152,9 +158,14 @@ class Passages:
     def best_in_document(self, query: str, vector: list[float], doc_id: str, page: int | None) -> Passage | None:
         """The gold chunk: the document's chunk the retriever ranks first (no score threshold:
         the record says it is the answer's source)."""
-        where = SearchFilter(scopes=[PUBLIC_SCOPE], doc_id=doc_id, page=page)
-        hits = self._passages(self.retriever.hits(query, vector, where=where, k=1, threshold=False))
+        hits = self.top_in_document(query, vector, doc_id, page, 1)
         return hits[0] if hits else None
+
+    def top_in_document(self, query: str, vector: list[float], doc_id: str, page: int | None,
+                        limit: int) -> list[Passage]:
+        """The document's ``limit`` chunks the retriever ranks first, best first."""
+        where = SearchFilter(scopes=[PUBLIC_SCOPE], doc_id=doc_id, page=page)
+        return self._passages(self.retriever.hits(query, vector, where=where, k=limit, threshold=False))
 
     def top_score(self, query: str, vector: list[float]) -> float | None:
         """The score of the chunk the chat would show first (None when none passes the threshold)."""
@@ -381,11 +392,13 @@ def build_raft_examples(
         if record.id in no_gold:
             examples.append(example(record, history, None, passages.top_outside(query, vector, doc_id, k + 1)))
             continue
-        gold = passages.best_in_document(query, vector, doc_id, record.gold_page)
-        if gold is None:
+        golds = passages.top_in_document(query, vector, doc_id, record.gold_page, options.gold_chunks)
+        if not golds:
             problems.append(f"{record.where}: gold_page {record.gold_page} has no indexed chunk in {doc_id}")
             continue
-        examples.append(example(record, history, gold, passages.top_outside(query, vector, doc_id, k)))
+        # The best-ranked gold chunk is the one cited; the document's further chunks are shown
+        # (shuffled in with the distractors) but are not counted as distractors.
+        examples.append(example(record, history, golds[0], golds[1:] + passages.top_outside(query, vector, doc_id, k)))
     raise_problems(problems, "gold documents not found")
     return examples
 

@@ -79,6 +79,10 @@ def test_id_files_select_and_limit(tmp_path: Path) -> None:
     assert read_ids(ids_jsonl) == {"a", "c"} and read_ids(ids_text) == {"b", "d"}
     assert [q.id for q in select(questions, exclude=read_ids(ids_jsonl))] == ["b", "d"]
     assert [q.id for q in select(questions, only=read_ids(ids_text), limit=1)] == ["b"]
+    # prepare writes UTF-8 as it is: a PubMedQA abstract's U+2029 inside a string is not a line end
+    prepared = tmp_path / "prepared.jsonl"
+    prepared.write_text('{"id": "a", "prompt": "one\u2029two\u2028three\x85four"}\n{"id": "b"}\n', encoding="utf-8")
+    assert read_ids(prepared) == {"a", "b"}
 
 
 def test_record_log_appends_and_drops_a_line_cut_short_by_a_crash(tmp_path: Path) -> None:

@@ -66,7 +66,12 @@ class FakePassages:
         return [[float(len(q))] for q in questions]
 
     def best_in_document(self, query, vector, doc_id, page):
-        return Passage(doc_id, ContextChunk(f"gold text of {doc_id}", f"Title {doc_id}", doc_id))
+        return self.top_in_document(query, vector, doc_id, page, 1)[0]
+
+    def top_in_document(self, query, vector, doc_id, page, limit):
+        # The document's chunks, best first: "gold text", then "more of <doc> 1", "more of <doc> 2"...
+        texts = [f"gold text of {doc_id}"] + [f"more of {doc_id} {i}" for i in range(1, limit)]
+        return [Passage(doc_id, ContextChunk(text, f"Title {doc_id}", doc_id)) for text in texts]
 
     def top_score(self, query, vector):
         return vector[0]  # the longest query scores highest
@@ -108,6 +113,20 @@ def test_raft_shares_citations_and_prompts_follow_the_config() -> None:
     assert choose_no_gold(items, 0.25, 4, "train") != choose_no_gold(items, 0.25, 3, "train")
 
 
+def test_gold_chunks_show_more_of_the_gold_document_and_cite_its_best_chunk() -> None:
+    items = records(12)
+    options = PrepareOptions(gold_chunks=3, no_gold_share=0.0, quotes=False)
+    examples = build_raft_examples(items, items, FakePassages(), options, "train", 1, 2)
+    for example, record in zip(examples, items):
+        user = example["prompt"][-1]["content"]
+        assert user.count("<document n=") == 4  # 3 of the gold document + 1 distractor
+        assert example["sources"].count(f"doc:{record.gold_doc}") == 3
+        n = example["gold"]  # the cited one is the best-ranked gold chunk, wherever the shuffle put it
+        assert f'<document n="{n}" title="Title doc:{record.gold_doc}">\ngold text' in user
+        assert example["completion"][0]["content"] == f"{record.answer} [{n}]"
+    assert len({e["gold"] for e in examples}) > 1
+
+
 def test_followups_carry_history_and_search_with_the_previous_question() -> None:
     opener, followup = records(2)
     opener.conversation_id = followup.conversation_id = "c1"
@@ -143,6 +162,19 @@ def test_demo_config_is_valid_and_within_the_demo_limits() -> None:
               "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
     parameters = 30 * sum(config.lora.rank * sum(shapes[m]) for m in config.lora.target_modules)
     assert parameters * 4 / 2**20 < 20
+
+
+def test_pubmedqa_config_keeps_the_committed_adapter_under_10_mb() -> None:
+    config = load_train_config(REPO / "finetune" / "configs" / "pubmedqa.yaml")
+    assert config.name == "pubmedqa" and config.threads == 1 and config.max_steps
+    shapes = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+              "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+    parameters = 30 * sum(config.lora.rank * sum(shapes[m]) for m in config.lora.target_modules)
+    tokenizer_mb = 3.4  # tokenizer.json, saved beside the adapter
+    assert parameters * (4 + 2) / 2**20 + tokenizer_mb < 10  # fp32 safetensors + f16 GGUF
+    committed = REPO / "data" / "adapters" / "pubmedqa"
+    if committed.is_dir():
+        assert sum(f.stat().st_size for f in committed.iterdir()) / 2**20 < 10
 
 
 def test_set_overrides_go_to_the_config_or_the_settings(tmp_path: Path) -> None:
