@@ -25,6 +25,7 @@ from core.prompts import (
 )
 from core.quotes import Quote, check_answer, quote_target
 from core.generation import GenerationBackend
+from core.generation.base import to_langchain
 from core.retrieval import Retriever, Source, prefer_newer
 from ingest.uploads import readable_scopes
 from core.modes import ADAPTED_MODES, MODES, NO_ADAPTER, RETRIEVING_MODES, Mode
@@ -92,13 +93,6 @@ def first_paragraph(pieces: Iterator[str]) -> Iterator[str]:
         close = getattr(pieces, "close", None)
         if close is not None:
             close()  # a backend's stream holds its model's lock until it is closed
-
-
-def _to_langchain(messages: list[dict[str, str]]) -> list[Any]:
-    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-
-    kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
-    return [kinds[m["role"]](content=m["content"]) for m in messages]
 
 
 class ConversationalRagChain:
@@ -201,7 +195,7 @@ class ConversationalRagChain:
                     messages, opening, adapted, self.settings.llm.max_new_tokens))
             else:
                 model = self.models.chat_model(adapted, self.settings.llm.max_new_tokens)
-                stream = (str(c.content) for c in model.stream(_to_langchain(messages)) if c.content)
+                stream = (str(c.content) for c in model.stream(to_langchain(messages)) if c.content)
             for piece in stream:
                 if not pieces and not opening:
                     answer.timings["ttft_s"] = round(time.perf_counter() - started, 3)
@@ -324,7 +318,7 @@ class ConversationalRagChain:
             return query, found[query]
         model = self.models.chat_model(False, max_new_tokens=64)
         with self._generation_slots:
-            rewritten = model.invoke(_to_langchain(condense_messages(question, history[-3:]))).content
+            rewritten = model.invoke(to_langchain(condense_messages(question, history[-3:]))).content
         rewritten = str(rewritten).strip().splitlines()[0] if str(rewritten).strip() else ""
         query = rewritten or followup_queries(question, history, 1)[-1]
         return query, retriever.retrieve(query, scopes)
@@ -342,7 +336,7 @@ class ConversationalRagChain:
             chunks = chunks[:-1]
             answer.sources = answer.sources[: len(chunks)]
         left = budget - count(build_messages(question, chunks))
-        history_messages = _to_langchain([m for q, a in history for m in (
+        history_messages = to_langchain([m for q, a in history for m in (
             {"role": "user", "content": q}, {"role": "assistant", "content": a})])
         kept = trim_messages(
             history_messages, max_tokens=max(left, 0), strategy="last", start_on="human",

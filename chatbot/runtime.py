@@ -15,7 +15,7 @@ from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
 from core.store import Store, open_store
 from chatbot.chain import ConversationalRagChain
-from core.retrieval import Retriever, mode_retrievers
+from core.retrieval import mode_retrievers
 from chatbot.identity import Identities
 from chatbot.limits import QuestionLimiter
 from chatbot.memory import ChatMemory
@@ -77,10 +77,8 @@ def build_runtime(
     indexer.prepare_tuned_vector(fill=False)
     memory = ChatMemory(settings.history_db)
     evidence = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
-    chain = ConversationalRagChain(
-        settings, Retriever(store, embedder, settings), generation, memory, evidence,
-        retrievers=mode_retrievers(store, embedder, tuned_embedder, settings),
-    )
+    retrievers = mode_retrievers(store, embedder, tuned_embedder, settings)
+    chain = ConversationalRagChain(settings, retrievers["rag"], generation, memory, evidence, retrievers=retrievers)
     return Runtime(
         settings=settings, store=store, embedder=embedder, tuned_embedder=tuned_embedder,
         indexer=indexer, memory=memory, chain=chain,

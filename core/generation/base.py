@@ -86,7 +86,7 @@ class GenerationBackend(ABC):
         has no portable "continue the last assistant message"), streams an answer to
         ``messages`` alone; the caller still shows ``prefix`` before it."""
         model = self.chat_model(adapted, max_new_tokens)
-        for chunk in model.stream(_langchain_messages(messages)):
+        for chunk in model.stream(to_langchain(messages)):
             if chunk.content:
                 yield str(chunk.content)
 
@@ -111,7 +111,8 @@ class GenerationBackend(ABC):
             return self._chat_models[key]
 
 
-def _langchain_messages(messages: Messages) -> list[Any]:
+def to_langchain(messages: Messages) -> list[Any]:
+    """Role/content dicts (core.prompts.build_messages) as LangChain messages."""
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
     kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
