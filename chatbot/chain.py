@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from core.decline import decline_features, not_covered_probability
+from core.decline import KnowledgeBaseTerms, decline_features, not_covered_probability
 from core.evidence import EvidenceSelector, EvidenceUnit
 from core.prompts import (
     NOT_COVERED, ContextChunk, best_query, build_messages, cited_numbers, condense_messages,
@@ -99,8 +99,12 @@ class ConversationalRagChain:
     def __init__(
         self, settings: Settings, retriever: Retriever, models: GenerationBackend, memory: ChatMemory,
         evidence: EvidenceSelector | None = None, retrievers: Mapping[str, Retriever] | None = None,
+        knowledge_base: KnowledgeBaseTerms | None = None,
     ):
         self.settings = settings
+        # The public chunks' abbreviations and word frequencies (core.decline.public_terms): the
+        # "not covered" decision reads "DAPT" as "dual antiplatelet therapy" and weighs rare words most.
+        self.knowledge_base = knowledge_base or KnowledgeBaseTerms()
         self.retriever = retriever  # the base embedder's ("dense"): rag's, and the default
         # mode -> its retriever (core.retrieval.mode_retrievers decides: hybrid's searches the tuned
         # embedder's vector); a mode not in it uses ``retriever``.
@@ -258,7 +262,7 @@ class ConversationalRagChain:
         units = self.evidence.rank(question, [(s.n, s.text) for s in current])
         features = decline_features(
             question, [s.text for s in sources], sources[0].score if sources else None,
-            units[0].score if units else None, followup,
+            units[0].score if units else None, followup, self.knowledge_base,
         )
         return units, features
 

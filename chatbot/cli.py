@@ -72,6 +72,7 @@ def ensure_indexed(runtime, settings: Settings) -> None:
     report = runtime.indexer.run([Path(corpus)], progress=sys.stderr.isatty(),
                                  on_event=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     print(f"  {report.summary()}", file=sys.stderr, flush=True)
+    runtime.refresh_knowledge_base_terms()
 
 
 def main(argv: list[str] | None = None) -> int:

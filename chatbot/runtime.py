@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from core.embeddings import Embedder, load_embedder, load_tuned_embedder
+from core.decline import public_terms
 from core.evidence import EvidenceSelector
 from core.generation import GenerationBackend, build_backend
 from core.settings import Settings
@@ -41,6 +42,11 @@ class Runtime:
     generation: GenerationBackend
     owns_generation: bool = True  # False when the caller passed the backend in (and closes it)
     owns_store: bool = True  # likewise for the store
+
+    def refresh_knowledge_base_terms(self) -> None:
+        """Re-read the public chunks' terms (core.decline.public_terms) after an ingest of public
+        documents (the first start's demo corpus); uploads are private and never change them."""
+        self.chain.knowledge_base = public_terms(self.store)
 
     def close(self) -> None:
         if self.owns_store:
@@ -78,7 +84,8 @@ def build_runtime(
     memory = ChatMemory(settings.history_db)
     evidence = EvidenceSelector(embedder.embeddings, settings.retrieval.evidence)
     retrievers = mode_retrievers(store, embedder, tuned_embedder, settings)
-    chain = ConversationalRagChain(settings, retrievers["rag"], generation, memory, evidence, retrievers=retrievers)
+    chain = ConversationalRagChain(settings, retrievers["rag"], generation, memory, evidence, retrievers=retrievers,
+                                   knowledge_base=public_terms(store))
     return Runtime(
         settings=settings, store=store, embedder=embedder, tuned_embedder=tuned_embedder,
         indexer=indexer, memory=memory, chain=chain,

@@ -9,9 +9,16 @@ model whose coefficients ``python -m evals calibrate`` fits on the validation se
 Features (each in [0, 1] or a cosine):
 - ``top_score``: the best chunk's cosine;
 - ``best_unit``: the best evidence unit's score (core/evidence.py);
-- ``coverage``: IDF-weighted share of the question's words found anywhere in the retrieved chunks;
+- ``coverage``: the IDF-weighted share of the question's content words found anywhere in the
+  retrieved chunks. Words are compared by Snowball stem ("infused" finds "infusion", "fibrate"
+  "fibrates") and through the knowledge base's own abbreviations (core/abbreviations.py: "DAPT"
+  finds "dual antiplatelet therapy", and the other way round); IDF is over the public chunks
+  (KnowledgeBaseTerms), so "chaplain", which no chunk mentions, weighs most and "patient" least.
+  On the demo's train + validation questions this raised the cross-validated ROC AUC from 0.894
+  (a plain share of unstemmed words) to 0.907;
 - ``missing_name``: 1 when the question names something (a capitalised word, or one with a digit,
-  not first in the question) that no retrieved chunk contains: "Zentravir" is not in the shelf;
+  not first in the question) that no retrieved chunk contains, compared the same way:
+  "Zentravir" is not in the shelf;
 - ``followup``: 1 for a later turn (its wording leans on the conversation, so lower scores are normal).
 """
 
@@ -19,9 +26,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from core.evidence import lexical_coverage, words
+from core.abbreviations import abbreviation_table
+from core.evidence import words
+
+if TYPE_CHECKING:
+    from core.store import Store
 
 FEATURES = ("top_score", "best_unit", "coverage", "missing_name", "followup")
 _NAME = re.compile(r"\b(?:[A-Z][A-Za-z0-9-]{2,}|[A-Za-z]*\d[A-Za-z0-9-]*[A-Za-z][A-Za-z0-9-]*)\b")
@@ -37,13 +52,86 @@ def named_terms(question: str) -> list[str]:
     return found
 
 
-def decline_features(
-    question: str, chunk_texts: Sequence[str], top_score: float | None, best_unit: float | None, followup: bool
-) -> dict[str, float]:
+@lru_cache(maxsize=1)
+def _stemmer():
+    import snowballstemmer  # the Snowball English stemmer (pure Python, what Sphinx's search uses)
+
+    return snowballstemmer.stemmer("english")
+
+
+@lru_cache(maxsize=200_000)
+def _stem(word: str) -> str:
+    return _stemmer().stemWord(word)  # a vocabulary is small: each word is stemmed once
+
+
+def terms(text: str) -> set[str]:
+    """The stems of a text's content words."""
+    return {_stem(w) for w in words(text)}
+
+
+@dataclass(frozen=True)
+class KnowledgeBaseTerms:
+    """What the knowledge base's public chunks say, for the features: the abbreviations they
+    define and in how many chunks each stem occurs. Empty: every word weighs the same."""
+
+    abbreviations: Mapping[str, str] = field(default_factory=dict)
+    chunk_frequency: Mapping[str, int] = field(default_factory=dict)
+    chunks: int = 0
+
+    def idf(self, term: str) -> float:
+        return math.log((self.chunks + 1) / (1 + self.chunk_frequency.get(term, 0))) if self.chunks else 1.0
+
+
+def knowledge_base_terms(texts: Iterable[str]) -> KnowledgeBaseTerms:
+    texts = list(texts)
+    frequency: Counter[str] = Counter()
+    for text in texts:
+        frequency.update(terms(text))
+    return KnowledgeBaseTerms(abbreviation_table(texts), dict(frequency), len(texts))
+
+
+def public_terms(store: "Store") -> KnowledgeBaseTerms:
+    """The public chunks' terms: one payload scroll at start-up (the demo's 246 chunks: well under
+    a second; it grows with the collection, about 10 s per 100,000 chunks). An upload's text, which
+    other visitors cannot see, never changes how their questions are decided."""
+    from core.store import CONTENT_KEY, METADATA_KEY, PUBLIC_SCOPE, SCOPE_KEY
+
+    physical = store.physical_name()
+    if physical is None:
+        return KnowledgeBaseTerms()
+    return knowledge_base_terms(
+        record.payload.get(CONTENT_KEY, "") for record in store.scroll(physical)
+        if record.payload.get(METADATA_KEY, {}).get(SCOPE_KEY, PUBLIC_SCOPE) == PUBLIC_SCOPE
+    )
+
+
+def chunk_terms(chunk_texts: Sequence[str], abbreviations: Mapping[str, str] | None = None) -> set[str]:
+    """The chunks' stems, plus each known abbreviation whose expansion they spell out and each
+    expansion's stems whose abbreviation they use: what the chunks say, in either form."""
     joined = "\n".join(chunk_texts)
-    coverage = lexical_coverage(question, [joined])[0] if chunk_texts and words(question) else 0.0
-    present = set(words(joined)) | set(re.findall(r"[a-z0-9-]+", joined.lower()))
-    missing = any(term not in present for term in named_terms(question))
+    found = terms(joined) | set(re.findall(r"[a-z0-9-]+", joined.lower()))
+    for abbreviation, expansion in (abbreviations or {}).items():
+        spelled = terms(expansion.split(",", 1)[0])
+        short = abbreviation.lower()
+        if short in found:
+            found |= spelled
+        elif spelled and spelled <= found:
+            found.add(short)
+            found |= terms(abbreviation)
+    return found
+
+
+def decline_features(
+    question: str, chunk_texts: Sequence[str], top_score: float | None, best_unit: float | None, followup: bool,
+    knowledge_base: KnowledgeBaseTerms | None = None,
+) -> dict[str, float]:
+    knowledge_base = knowledge_base or KnowledgeBaseTerms()
+    present = chunk_terms(chunk_texts, knowledge_base.abbreviations) if chunk_texts else set()
+    asked = terms(question)
+    total = sum(knowledge_base.idf(t) for t in asked)
+    coverage = sum(knowledge_base.idf(t) for t in asked & present) / total if total and chunk_texts else 0.0
+    missing = any(term not in present and not (terms(term) and terms(term) <= present)
+                  for term in named_terms(question))
     return {
         "top_score": float(top_score or 0.0),
         "best_unit": float(best_unit or 0.0),

@@ -29,7 +29,7 @@ from core.decline import FEATURES, fit_logistic, not_covered_probability
 from core.logs import setup_logging
 from core.store import PUBLIC_SCOPE
 
-THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -77,8 +77,8 @@ def collect(runtime: Any, questions: list[Any]) -> list[tuple[dict[str, float], 
     return rows
 
 
-def curve(rows: list[tuple[dict[str, float], int]], folds: int, seed: int = 0) -> list[tuple[float, float, float]]:
-    """Cross-validated (threshold, answerable declined, unanswerable declined)."""
+def cross_validated(rows: list[tuple[dict[str, float], int]], folds: int, seed: int = 0) -> list[float]:
+    """Each question's P(not covered) from a model fitted on the other folds."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     probability = [0.0] * len(rows)
@@ -88,6 +88,19 @@ def curve(rows: list[tuple[dict[str, float], int]], folds: int, seed: int = 0) -
         intercept, weights = fit_logistic([f for f, _ in train], [y for _, y in train])
         for i in test:
             probability[i] = not_covered_probability(rows[i][0], intercept, weights)
+    return probability
+
+
+def roc_auc(probability: list[float], labels: list[int]) -> float:
+    """The chance that an unanswerable question gets a higher P than an answerable one (ties: half)."""
+    positive = [p for p, y in zip(probability, labels) if y == 1]
+    negative = [p for p, y in zip(probability, labels) if y == 0]
+    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def curve(rows: list[tuple[dict[str, float], int]], probability: list[float]) -> list[tuple[float, float, float]]:
+    """(threshold, answerable declined, unanswerable declined) for the cross-validated P."""
     answerable = [p for p, (_, y) in zip(probability, rows) if y == 0]
     unanswerable = [p for p, (_, y) in zip(probability, rows) if y == 1]
     return [(t, sum(p >= t for p in answerable) / len(answerable), sum(p >= t for p in unanswerable) / len(unanswerable))
@@ -150,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if positives == 0 or positives == len(rows):
         print("error: the question set needs both answerable and unanswerable questions", file=sys.stderr)
         return 2
-    print(f"{len(rows)} questions ({positives} unanswerable); {args.folds}-fold cross-validated trade-off:")
+    probability = cross_validated(rows, args.folds)
+    auc = roc_auc(probability, [y for _, y in rows])
+    print(f"{len(rows)} questions ({positives} unanswerable); {args.folds}-fold cross-validated trade-off "
+          f"(ROC AUC {auc:.3f}):")
     print("| threshold | answerable declined | unanswerable declined |\n|---:|---:|---:|")
-    for threshold, wrong, right in curve(rows, args.folds):
-        print(f"| {threshold:.1f} | {100 * wrong:.1f}% | {100 * right:.1f}% |")
+    for threshold, wrong, right in curve(rows, probability):
+        print(f"| {threshold:.2f} | {100 * wrong:.1f}% | {100 * right:.1f}% |")
     intercept, weights = fit_logistic([f for f, _ in rows], [y for _, y in rows])
     block = decline_yaml(intercept, weights, args.threshold)
     print("\nretrieval:\n" + block)

@@ -13,6 +13,7 @@ import csv
 import re
 from pathlib import Path
 
+from core.abbreviations import clean_expansion, glossary_entry, usable
 from finetune.files import InputError
 
 # Used when no glossary is given: common clinical abbreviations of the demo's kind.
@@ -43,29 +44,6 @@ BUILTIN: dict[str, str] = {
     "VTE": "venous thromboembolism",
 }
 
-_MD_ENTRY = re.compile(r"^\s*[-*]\s+\*\*(?P<abbr>[^*]+)\*\*\s*[—–:-]+\s*(?P<expansion>.+)$")
-_EXPLANATION = re.compile(r"\s*(?:[:;(]|\.\s|\.$| — | – ).*$")
-
-
-def clean_expansion(text: str) -> str:
-    """The expansion proper, without its explanation.
-
-    "acute coronary syndrome: the umbrella term ..." -> "acute coronary syndrome";
-    "blood pressure, recorded as ..." -> "blood pressure"; "as required (pro re nata)" ->
-    "as required"; but a list stays whole: "airway, breathing, circulation, ...: ..." is ABCDE.
-    """
-    head = _EXPLANATION.sub("", text.strip()).strip()
-    if head.count(",") >= 2:
-        return head
-    return head.split(",", 1)[0].strip()
-
-
-def _usable(abbreviation: str, expansion: str) -> bool:
-    # One-letter abbreviations match too much; an "expansion" no longer than its abbreviation
-    # is not one.
-    return len(abbreviation) >= 2 and len(expansion) > len(abbreviation)
-
-
 def load_glossaries(paths: list[Path]) -> dict[str, str]:
     """Abbreviation -> expansion from .md / .csv files (a folder means every such file in it)."""
     files: list[Path] = []
@@ -80,7 +58,7 @@ def load_glossaries(paths: list[Path]) -> dict[str, str]:
     for file in files:
         entries = _read_csv(file) if file.suffix.lower() == ".csv" else _read_markdown(file)
         for abbreviation, expansion in entries:
-            if _usable(abbreviation, expansion):
+            if usable(abbreviation, expansion):
                 table.setdefault(abbreviation, expansion)
     if files and not table:
         raise InputError(f"{', '.join(map(str, files))}: no abbreviation entries found")
@@ -88,12 +66,7 @@ def load_glossaries(paths: list[Path]) -> dict[str, str]:
 
 
 def _read_markdown(path: Path) -> list[tuple[str, str]]:
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        match = _MD_ENTRY.match(line)
-        if match:
-            entries.append((match["abbr"].strip(), clean_expansion(match["expansion"])))
-    return entries
+    return [entry for line in path.read_text(encoding="utf-8").splitlines() if (entry := glossary_entry(line))]
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from core.decline import FEATURES, decline_features, fit_logistic, named_terms, not_covered_probability
+from core.abbreviations import abbreviation_table, defined_in, long_form
+from core.decline import (
+    FEATURES, KnowledgeBaseTerms, decline_features, fit_logistic, knowledge_base_terms, named_terms,
+    not_covered_probability,
+)
 from core.evidence import EvidenceSelector, closest_sentences, range_match, split_units
 from core.facts import numbers, unsupported_numbers
 from core.prompts import ContextChunk, format_documents, narrow_chunks
@@ -131,6 +135,40 @@ def test_decline_features_and_the_fitted_model_separate_covered_from_not() -> No
     assert not_covered_probability(missing, intercept, weights) > 0.5 > not_covered_probability(present, intercept, weights)
     with pytest.raises(ValueError):
         fit_logistic(rows, [0, 0, 0, 0])
+
+
+def test_the_knowledge_base_defines_its_abbreviations_in_glossary_lines_and_parentheses() -> None:
+    text = ("- **MI** — myocardial infarction (heart attack).\n"
+            "Continue dual antiplatelet therapy (DAPT) for 12 months after an acute coronary syndrome (ACS).\n"
+            "Give it once daily (OD) with food (see below).")
+    assert defined_in(text)[:3] == [("MI", "myocardial infarction"), ("DAPT", "dual antiplatelet therapy"),
+                                    ("ACS", "acute coronary syndrome")]
+    assert abbreviation_table([text])["OD"] == "once daily"
+    assert "see" not in str(abbreviation_table([text]))  # a parenthesis without a capital is no abbreviation
+    assert long_form("DAPT", "nothing of the kind here") is None
+
+
+def test_coverage_compares_stems_and_the_knowledge_bases_abbreviations() -> None:
+    chunk = "Continue dual antiplatelet therapy for 12 months after an acute coronary syndrome. Infusion over 1 hour."
+    table = {"DAPT": "dual antiplatelet therapy", "ACS": "acute coronary syndrome"}
+    plain = decline_features("How long should DAPT continue after ACS?", [chunk], 0.6, 0.6, False)
+    known = decline_features("How long should DAPT continue after ACS?", [chunk], 0.6, 0.6, False,
+                             KnowledgeBaseTerms(table))
+    assert plain["missing_name"] == 1.0 and known["missing_name"] == 0.0
+    assert known["coverage"] > plain["coverage"]
+    # and the other way round: the question spells out what the chunk abbreviates
+    back = decline_features("When is dual antiplatelet therapy stopped?", ["Stop DAPT at 12 months."], 0.6, 0.6,
+                            False, KnowledgeBaseTerms(table))
+    assert back["coverage"] > decline_features("When is dual antiplatelet therapy stopped?",
+                                               ["Stop DAPT at 12 months."], 0.6, 0.6, False)["coverage"]
+    # "infused" is said as "infusion" in the chunk: the same stem
+    assert decline_features("How is it infused?", [chunk], 0.6, 0.6, False)["coverage"] == 1.0
+    # IDF over the knowledge base: the word no chunk of it mentions weighs most
+    kb = knowledge_base_terms([chunk, "Visitors are seen on the ward.", "The ward round starts at 9."])
+    assert kb.abbreviations == {} and kb.chunks == 3 and kb.idf("chaplain") > kb.idf("ward")
+    weighted = decline_features("Can the chaplain visit the ward?", ["Visitors are seen on the ward."], 0.6, 0.6, False, kb)
+    flat = decline_features("Can the chaplain visit the ward?", ["Visitors are seen on the ward."], 0.6, 0.6, False)
+    assert weighted["coverage"] < flat["coverage"]
 
 
 def test_front_matter_supersedes_and_newer_documents_come_first(tmp_path: Path) -> None:
