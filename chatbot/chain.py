@@ -260,8 +260,10 @@ class ConversationalRagChain:
         # A superseded chunk is shown (marked) but never the evidence while a current one remains.
         current = [s for s in sources if s.superseded_by is None] or sources
         units = self.evidence.rank(question, [(s.n, s.text) for s in current])
+        # A chunk says what its document's title says too: "Chest pain and ACS" covers "ACS"
+        # where the chunk's own text only speaks of "troponin" and "DAPT".
         features = decline_features(
-            question, [s.text for s in sources], sources[0].score if sources else None,
+            question, [f"{s.title}\n{s.section or ''}\n{s.text}" for s in sources], sources[0].score if sources else None,
             units[0].score if units else None, followup, self.knowledge_base,
         )
         return units, features
