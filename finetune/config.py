@@ -88,7 +88,11 @@ class TrainConfig(_Strict):
         "auto", description="torch CPU threads; 'auto': 1 while another job keeps the CPU busy, else all cores"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="'auto': a CUDA GPU when torch sees one (fp32 either way), else the CPU"
+        "auto", description="'auto': a CUDA GPU when torch sees one, else the CPU"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast (fp32 master weights) or fp32; 'auto': bf16 where the CPU has "
+        "AVX-512 BF16 / AMX (or the GPU supports it), fp32 elsewhere (core/hardware.py: emulated bf16 is slow)"
     )
     check_examples: int = Field(2, ge=1, description="validation prompts the finished adapter must answer and stop on")
 
@@ -123,7 +127,7 @@ class TrainConfig(_Strict):
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (all but how the run is watched)."""
-        return self.model_dump(mode="json", exclude={"threads", "device", "logging_steps", "check_examples"})
+        return self.model_dump(mode="json", exclude={"threads", "device", "precision", "logging_steps", "check_examples"})
 
 
 def split_overrides(tree: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -17,8 +17,10 @@ A run, top to bottom:
 3. Train: PEFT LoRA through SFTTrainer on the conversational prompt-completion format, whose
    loss covers the completion (the assistant's answer and its <|im_end|>) only. SmolLM2's chat
    template has no {% generation %} markers, so ``assistant_only_loss`` is not an option.
-   fp32 on the CPU (or a GPU when torch sees one, ``device: auto``): no bf16 (TRL's default would turn it on), no gradient checkpointing (135M
-   parameters fit; recomputing activations would cost ~20% of the time for nothing).
+   On the CPU (or a GPU when torch sees one, ``device: auto``), in bf16 autocast with fp32 master
+   weights where the hardware runs bf16 natively (``precision: auto``, core/hardware.py), else
+   fp32; no gradient checkpointing (135M parameters fit; recomputing activations would cost ~20%
+   of the time for nothing).
 4. Evaluate the validation loss of the adapter and of the base model (the same model with the
    adapter switched off, so both numbers come from the same code path). KTO and DPO evaluate the
    base before training instead: their loss already switches the adapter off for the reference,
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from core.generation.llamacpp import ADAPTER_GGUF
+from core.hardware import use_bf16
 from core.hub import ModelUnavailableError
 from core.llm import load_chat_model
 from core.settings import Settings
@@ -241,6 +244,7 @@ def train(
     last_checkpoint = checkpoint_to_resume(checkpoints, run, resume, force)
 
     on_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    bf16 = use_bf16(config.precision, on_gpu)
     threads = training_threads(config.threads)  # read the load before this process adds to it
     chat = load_chat_model(settings, with_adapter=False)  # training starts from the base, whatever llm.adapter says
     torch.set_num_threads(threads)  # after loading: core.llm applies llm.threads
@@ -251,7 +255,7 @@ def train(
     # What every objective's trainer shares (TRL's configs all extend TrainingArguments).
     shared = dict(
         output_dir=str(checkpoints),
-        use_cpu=not on_gpu, bf16=False, fp16=False, activation_checkpointing=False,
+        use_cpu=not on_gpu, bf16=bf16, fp16=False, activation_checkpointing=False,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
@@ -331,6 +335,7 @@ def train(
         "eval_in_training_s": round(eval_seconds, 1),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "precision": "bf16" if bf16 else "fp32",
         "objective": config.objective,
     }
     if config.objective != "sft":

@@ -332,3 +332,15 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytes
     assert main(["prepare", "--from-feedback", *out, "--set", "feedback.train_on=none"]) == 2
     assert "feedback.train_on is 'none'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_training_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch) -> None:
+    from core import hardware
+
+    assert hardware.use_bf16("bf16") is True and hardware.use_bf16("fp32") is False
+    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0] if Path("/proc/cpuinfo").is_file() else ""
+    assert hardware.use_bf16("auto") == any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    hardware.cpu_has_bf16.cache_clear()
+    monkeypatch.setattr(hardware, "Path", lambda _: Path("/nonexistent/cpuinfo"))
+    assert hardware.use_bf16("auto") is False  # unreadable: fp32, never emulated bf16
+    hardware.cpu_has_bf16.cache_clear()
