@@ -242,7 +242,8 @@ class ConversationalRagChain:
         """Rank the retrieved chunks' units, and decline when core.decline says they do not cover it."""
         if self.evidence is None or not self.settings.retrieval.evidence.enabled:
             return
-        answer.evidence, answer.decline_features = self.evidence_and_features(question, answer.sources, followup)
+        answer.evidence, answer.decline_features = self.evidence_and_features(
+            question, answer.sources, followup, answer.query)
         decline = self.settings.retrieval.decline
         if not decline.enabled or not decline.weights:
             return
@@ -253,9 +254,11 @@ class ConversationalRagChain:
             answer.text = NOT_COVERED
 
     def evidence_and_features(
-        self, question: str, sources: list[Source], followup: bool
+        self, question: str, sources: list[Source], followup: bool, query: str | None = None,
     ) -> tuple[list[EvidenceUnit], dict[str, float]]:
-        """The ranked evidence units and the decline features (``python -m evals.calibrate`` fits on these)."""
+        """The ranked evidence units and the decline features (``python -m evals.calibrate`` fits on these).
+        ``query``: the standalone question retrieval used; the features read it, so that "And for an
+        80-year-old?" is judged with the subject its conversation gave it."""
         assert self.evidence is not None
         # A superseded chunk is shown (marked) but never the evidence while a current one remains.
         current = [s for s in sources if s.superseded_by is None] or sources
@@ -263,7 +266,7 @@ class ConversationalRagChain:
         # A chunk says what its document's title says too: "Chest pain and ACS" covers "ACS"
         # where the chunk's own text only speaks of "troponin" and "DAPT".
         features = decline_features(
-            question, [f"{s.title}\n{s.section or ''}\n{s.text}" for s in sources], sources[0].score if sources else None,
+            query or question, [f"{s.title}\n{s.section or ''}\n{s.text}" for s in sources], sources[0].score if sources else None,
             units[0].score if units else None, followup, self.knowledge_base,
         )
         return units, features

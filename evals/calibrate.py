@@ -68,11 +68,11 @@ def collect(runtime: Any, questions: list[Any]) -> list[tuple[dict[str, float], 
     for q in tqdm(questions, desc="calibrate", disable=not sys.stderr.isatty()):
         earlier = [t for t in turns.get(q.conversation_id or "", []) if (t.turn or 0) < (q.turn or 0)]
         history = [(t.question, t.reference or "") for t in sorted(earlier, key=lambda t: t.turn or 0)]
-        _, sources = chain.retrieve_for(q.question, history, [PUBLIC_SCOPE])
+        query, sources = chain.retrieve_for(q.question, history, [PUBLIC_SCOPE])
         if not sources:
             features = {name: 0.0 for name in FEATURES} | {"followup": float(bool(history))}
         else:
-            _, features = chain.evidence_and_features(q.question, sources, bool(history))
+            _, features = chain.evidence_and_features(q.question, sources, bool(history), query)
         rows.append((features, int(bool(q.unanswerable))))
     return rows
 
